@@ -72,3 +72,13 @@ def s3_bucket(s3_server):
     name = f"b-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A temporary Prefect API (prefect_test_harness starts a real local server on loopback)."""
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
