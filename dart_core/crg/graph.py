@@ -97,28 +97,40 @@ class CRG:
         return torch.unique(ei, dim=1)  # drop duplicate edges
 
 
-def similarity_crg(vocab: Vocabulary, text_embeddings: np.ndarray, n_neighbors: int = 8) -> CRG:
-    """Top-N neighbours by cosine of text embeddings (the paper's "Sim." row of Tab. 6)."""
+def similarity_crg(vocab: Vocabulary, text_embeddings: np.ndarray, n_neighbors: int = 8,
+                   candidate_mask: np.ndarray | None = None) -> CRG:
+    """Top-N neighbours by cosine of text embeddings (the paper's "Sim." row of Tab. 6).
+
+    `candidate_mask` (bool, per class) limits which classes may be neighbours (the LLM miner's
+    default is the seen classes, App. C.4); None = any class."""
     emb = np.asarray(text_embeddings, dtype=np.float32)
     if emb.shape[0] != len(vocab):
         raise CRGError(f"{emb.shape[0]} text embeddings for {len(vocab)} classes")
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
     sim = emb @ emb.T
     np.fill_diagonal(sim, -np.inf)
-    n = min(n_neighbors, len(vocab) - 1)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :n]
-    neighbors = {vocab.ids[c]: [vocab.ids[j] for j in order[c]] for c in range(len(vocab))}
-    scores = {vocab.ids[c]: [float(sim[c, j]) for j in order[c]] for c in range(len(vocab))}
+    allowed = np.ones(len(vocab), dtype=bool) if candidate_mask is None else np.asarray(candidate_mask, dtype=bool)
+    sim[:, ~allowed] = -np.inf
+    order = np.argsort(-sim, axis=1, kind="stable")
+    neighbors, scores = {}, {}
+    for c in range(len(vocab)):
+        row = [j for j in order[c][:n_neighbors + 1] if np.isfinite(sim[c, j])][:n_neighbors]
+        neighbors[vocab.ids[c]] = [vocab.ids[j] for j in row]
+        scores[vocab.ids[c]] = [float(sim[c, j]) for j in row]
+    n = min(n_neighbors, max(int(allowed.sum()) - 1, 0)) if candidate_mask is not None else min(n_neighbors, len(vocab) - 1)
     return CRG(list(vocab.ids), list(vocab.names), neighbors, "similarity", scores, {"n_neighbors": n})
 
 
-def random_crg(vocab: Vocabulary, n_neighbors: int = 8, seed: int = 0) -> CRG:
+def random_crg(vocab: Vocabulary, n_neighbors: int = 8, seed: int = 0,
+               candidate_mask: np.ndarray | None = None) -> CRG:
     """N uniformly random neighbours per class (the "Rand." ablation of Tab. 6)."""
     rng = np.random.default_rng(seed)
     C = len(vocab)
-    n = min(n_neighbors, C - 1)
+    allowed = np.ones(C, dtype=bool) if candidate_mask is None else np.asarray(candidate_mask, dtype=bool)
     neighbors = {}
+    n = min(n_neighbors, C - 1)
     for c in range(C):
-        others = np.delete(np.arange(C), c)
-        neighbors[vocab.ids[c]] = [vocab.ids[j] for j in rng.choice(others, size=n, replace=False)]
+        others = np.flatnonzero(allowed & (np.arange(C) != c))
+        k = min(n_neighbors, len(others))
+        neighbors[vocab.ids[c]] = [vocab.ids[j] for j in rng.choice(others, size=k, replace=False)] if k else []
     return CRG(list(vocab.ids), list(vocab.names), neighbors, "random", {}, {"n_neighbors": n, "seed": seed})
