@@ -34,12 +34,15 @@ def join(base: str, *parts: str) -> str:
 
 
 _client = None
+_client_pid = None
 
 
 def s3_client():
-    """One client per process; retries on throttling / 5xx with exponential backoff."""
-    global _client
-    if _client is None:
+    """One client per process; retries on throttling / 5xx with exponential backoff.
+    Re-created after a fork: a boto3 client must not be shared across processes."""
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        _client_pid = os.getpid()
         import boto3
         from botocore.config import Config
 
@@ -146,3 +149,123 @@ def list_objects(prefix_url: str) -> list[ObjectInfo]:
             st = p.stat()
             out.append(ObjectInfo(str(p), p.relative_to(root).as_posix(), f"{st.st_size}-{st.st_mtime_ns}", st.st_size))
     return out
+
+
+def delete(url: str) -> None:
+    """Remove one object / file; absent is fine."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    Path(url).unlink(missing_ok=True)
+
+
+def list_names(dir_url: str) -> list[str]:
+    """File names directly under a directory / prefix (S3: one delimited listing, not recursive)."""
+    if is_s3(dir_url):
+        bucket, prefix = split_s3(dir_url)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        names = []
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+        return sorted(names)
+    p = Path(dir_url)
+    return sorted(q.name for q in p.iterdir() if q.is_file()) if p.is_dir() else []
+
+
+class StorageFS:
+    """dart_core's FileSystem protocol over local paths and s3:// (picklable: no client state;
+    each worker process makes its own client on first use)."""
+
+    def read_bytes(self, url: str) -> bytes:
+        if is_s3(url):
+            from botocore.exceptions import ClientError
+
+            try:
+                return read_bytes(url)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(url) from None
+                raise
+        return read_bytes(url)
+
+    def exists(self, url: str) -> bool:
+        return exists(url)
+
+    def join(self, base: str, *parts: str) -> str:
+        return join(base, *parts)
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(o.key for o in list_objects(prefix))
+
+
+class S3ShardStore:
+    """dart_core's ShardStore over an s3:// prefix: files staged in a local temp dir, uploaded
+    whole (multipart above 16 MiB); the writer publishes the stats file last."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self._staging = None
+
+    def list_names(self) -> list[str]:
+        return list_names(self.url)
+
+    def read_bytes(self, name: str) -> bytes:
+        return read_bytes(self.url_of(name))
+
+    def publish(self, local, name: str) -> None:
+        upload_file(local, self.url_of(name))
+        Path(local).unlink(missing_ok=True)
+
+    def delete(self, name: str) -> None:
+        delete(self.url_of(name))
+
+    def url_of(self, name: str) -> str:
+        return join(self.url, name)
+
+    def staging_dir(self) -> Path:
+        import tempfile
+
+        if self._staging is None:
+            self._staging = tempfile.TemporaryDirectory(prefix="dart-shard-")
+        return Path(self._staging.name)
+
+
+def shard_store(url: str):
+    if is_s3(url):
+        return S3ShardStore(url)
+    from dart_core.data.store import LocalShardStore
+
+    return LocalShardStore(url)
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m flows.storage cat URL` (stream an object to stdout) and `ls URL` (names under a
+    prefix): used by dart_core's reader to read s3:// shards without importing boto3 itself."""
+    import sys
+
+    if len(argv) != 2 or argv[0] not in ("cat", "ls"):
+        print("usage: python -m flows.storage cat|ls URL", file=sys.stderr)
+        return 2
+    cmd, url = argv
+    if cmd == "ls":
+        print("\n".join(list_names(url)))
+        return 0
+    out = sys.stdout.buffer
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        for chunk in body.iter_chunks(1 << 20):
+            out.write(chunk)
+    else:
+        with open(url, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,368 @@
+"""Input records -> webdataset shards `NNNNNN.tar` + `NNNNNN.parquet` + `NNNNNN_stats.json`.
+
+Exactly-once under kill -9, without any journal:
+- every file of a shard is staged locally and published whole (rename / single S3 object), and the
+  stats file is published last, so "has a stats file" == "complete";
+- shards are written one after another, each from the next inputs in source order;
+- a rerun (incremental or extend) deletes the files of incomplete shards, reads the `key`/`path`
+  columns of the complete shards' parquet files (ok *and* failed rows) and skips exactly those
+  inputs; numbering continues after the last complete shard, so the incomplete one is redone.
+An input is identified by (key, path) and counted with multiplicity, so a duplicate id seen again
+after a crash is classified the same way as in an uninterrupted run.
+
+Decoding/encoding runs in a process pool (all cores by default) over small batches, with a bounded
+window of batches in flight: memory does not grow with the number of inputs, and results come
+back in input order so shard contents are deterministic."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dart_core.data import records as R
+from dart_core.data.fs import FileSystem, LocalFS
+from dart_core.data.image import DEFAULT_MAX_PIXELS, ImageFailure, normalise
+from dart_core.data.records import InputRecord
+from dart_core.data.store import LocalShardStore, ShardStore
+
+MODES = ("incremental", "overwrite", "extend")
+SHARD_RE = re.compile(r"^(\d{6})(\.tar|\.parquet|_stats\.json)$")
+
+ROW_SCHEMA = pa.schema([
+    ("key", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("error", pa.string()),
+    ("path", pa.string()), ("shard", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("out_width", pa.int32()), ("out_height", pa.int32()), ("jpg_bytes", pa.int64()),
+    ("n_pos", pa.int32()), ("n_neg", pa.int32()), ("source", pa.string()),
+])
+
+
+class ShardWriteError(RuntimeError):
+    """The run itself cannot proceed (bad mode, unreadable existing shards, dead worker pool)."""
+
+
+@dataclass
+class WriterConfig:
+    shard_size: int = 5000                 # ok samples per shard
+    max_shard_bytes: int = 1 << 30         # ... or this many tar bytes, whichever comes first
+    image_size: int = 256                  # shorter side after resizing (never upscaled)
+    jpeg_quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are rejected as decompression bombs
+    workers: int | None = None             # None: all cores; 1: in-process
+    mode: str = "incremental"
+    batch: int = 16                        # images per task sent to a worker
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ShardWriteError(f"--mode {self.mode!r}: must be one of {', '.join(MODES)}")
+        if self.shard_size < 1:
+            raise ShardWriteError(f"--shard-size {self.shard_size}: must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ShardWriteError(f"--workers {self.workers}: must be >= 1")
+
+
+@dataclass
+class ShardReport:
+    out: str
+    inputs: int = 0                 # inputs seen by this run
+    skipped: int = 0                # ... already in complete shards (a rerun)
+    ok: int = 0
+    failed: int = 0
+    failed_by_reason: dict = field(default_factory=dict)
+    new_shards: list = field(default_factory=list)   # tar URLs written by this run
+    seconds: float = 0.0
+    totals: dict = field(default_factory=dict)        # over every complete shard in `out`
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.ok + self.failed) / self.seconds if self.seconds else 0.0
+
+    def reconciles(self) -> bool:
+        t = self.totals
+        return (self.inputs == self.skipped + self.ok + self.failed
+                and self.failed == sum(self.failed_by_reason.values())
+                and t.get("inputs") == t.get("ok", 0) + sum(t.get("failed_by_reason", {}).values()))
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, "inputs": self.inputs, "skipped": self.skipped, "ok": self.ok,
+                "failed": self.failed, "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
+                "new_shards": list(self.new_shards), "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 1), "totals": self.totals,
+                "reconciles": self.reconciles()}
+
+
+# ---- worker side --------------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(reader: FileSystem, size: int, quality: int, max_pixels: int) -> None:
+    _W.update(reader=reader, size=size, quality=quality, max_pixels=max_pixels)
+
+
+def _encode_one(path: str):
+    try:
+        data = _W["reader"].read_bytes(path)
+    except FileNotFoundError:
+        return ("failed", R.MISSING_FILE, f"{path}: no such file")
+    except IsADirectoryError:
+        return ("failed", R.NOT_AN_IMAGE, f"{path}: is a directory")
+    except Exception as e:  # noqa: BLE001 - any I/O failure after retries is this input's problem
+        return ("failed", R.READ_ERROR, f"{path}: {type(e).__name__}: {e}")
+    try:
+        return ("ok", normalise(data, size=_W["size"], quality=_W["quality"], max_pixels=_W["max_pixels"]))
+    except ImageFailure as e:
+        return ("failed", e.reason, f"{path}: {e.detail}")
+
+
+def _encode_batch(paths: list[str | None]):
+    return [None if p is None else _encode_one(p) for p in paths]
+
+
+# ---- main side ----------------------------------------------------------------------------------
+def shard_name(i: int) -> str:
+    return f"{i:06d}"
+
+
+def _scan(store: ShardStore) -> tuple[set[int], set[int]]:
+    complete, present = set(), set()
+    for name in store.list_names():
+        m = SHARD_RE.match(name)
+        if m:
+            present.add(int(m.group(1)))
+            if m.group(2) == "_stats.json":
+                complete.add(int(m.group(1)))
+    return complete, present
+
+
+def _delete_shard(store: ShardStore, i: int) -> None:
+    # stats first: a shard stops being "complete" before any of its data disappears
+    for suffix in ("_stats.json", ".tar", ".parquet"):
+        store.delete(shard_name(i) + suffix)
+
+
+def read_stats(store: ShardStore, i: int) -> dict:
+    return json.loads(store.read_bytes(shard_name(i) + "_stats.json"))
+
+
+def totals(store: ShardStore) -> dict:
+    """Reconciliation over every complete shard of the store (from the stats files)."""
+    complete, _ = _scan(store)
+    t = {"shards": len(complete), "inputs": 0, "ok": 0, "failed": 0, "failed_by_reason": Counter()}
+    for i in sorted(complete):
+        s = read_stats(store, i)
+        t["inputs"] += s["inputs"]
+        t["ok"] += s["ok"]
+        t["failed"] += s["failed"]
+        t["failed_by_reason"].update(s["failed_by_reason"])
+    t["failed_by_reason"] = dict(sorted(t["failed_by_reason"].items()))
+    return t
+
+
+class _Shard:
+    """One shard being filled in the staging dir."""
+
+    def __init__(self, index: int, staging: Path, meta: dict):
+        import webdataset as wds
+
+        self.index, self.name, self.staging, self.meta = index, shard_name(index), staging, meta
+        self.tar_path = staging / f"{self.name}.tar.{os.getpid()}"
+        self.fh = open(self.tar_path, "wb")
+        # PAX: no 100-character member-name limit; encoder=False: we hand over bytes
+        self.tw = wds.TarWriter(self.fh, encoder=False, format="PAX_FORMAT", mtime=0.0)
+        self.rows: list[dict] = []
+        self.ok = 0
+        self.failed = Counter()
+
+    def add_ok(self, rec: InputRecord, enc) -> None:
+        meta = {"id": rec.key, "labels": rec.labels, "source": {**rec.source, "width": enc.width,
+                                                               "height": enc.height, "mode": enc.mode}}
+        self.tw.write({"__key__": rec.key, "jpg": enc.jpg,
+                       "json": json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()})
+        self.ok += 1
+        self._row(rec, "ok", None, None, enc)
+
+    def add_failed(self, rec: InputRecord, reason: str, detail: str) -> None:
+        self.failed[reason] += 1
+        self._row(rec, "failed", reason, f"{reason}: {detail}", None)
+
+    def _row(self, rec, status, reason, error, enc) -> None:
+        vals = rec.labels.values()
+        self.rows.append({
+            "key": rec.key, "status": status, "reason": reason, "error": error, "path": rec.path,
+            "shard": self.name, "width": enc.width if enc else None, "height": enc.height if enc else None,
+            "out_width": enc.out_width if enc else None, "out_height": enc.out_height if enc else None,
+            "jpg_bytes": len(enc.jpg) if enc else None, "n_pos": sum(v > 0 for v in vals) if status == "ok" else None,
+            "n_neg": sum(v < 0 for v in vals) if status == "ok" else None,
+            "source": json.dumps(rec.source, sort_keys=True, default=str)})
+
+    @property
+    def tar_bytes(self) -> int:
+        return self.fh.tell()
+
+    def finish(self, store: ShardStore) -> str:
+        self.tw.close()
+        self.fh.close()
+        h = hashlib.sha256()
+        with open(self.tar_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        tar_size = self.tar_path.stat().st_size
+        pq_path = self.staging / f"{self.name}.parquet.{os.getpid()}"
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA), pq_path)
+        stats = {"shard": self.name, "inputs": len(self.rows), "ok": self.ok,
+                 "failed": sum(self.failed.values()), "failed_by_reason": dict(sorted(self.failed.items())),
+                 "tar_bytes": tar_size, "tar_sha256": h.hexdigest(),
+                 "first_key": self.rows[0]["key"] if self.rows else None,
+                 "last_key": self.rows[-1]["key"] if self.rows else None,
+                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **self.meta}
+        st_path = self.staging / f"{self.name}_stats.json.{os.getpid()}"
+        st_path.write_text(json.dumps(stats, indent=1))
+        store.publish(self.tar_path, f"{self.name}.tar")
+        store.publish(pq_path, f"{self.name}.parquet")
+        store.publish(st_path, f"{self.name}_stats.json")  # last: the shard is now complete
+        return store.url_of(f"{self.name}.tar")
+
+
+def _done_inputs(store: ShardStore, complete: set[int]) -> Counter:
+    done: Counter = Counter()
+    for i in sorted(complete):
+        name = shard_name(i) + ".parquet"
+        try:
+            t = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["key", "path"])
+        except Exception as e:  # noqa: BLE001
+            raise ShardWriteError(f"{store.url_of(name)}: cannot read the sidecar of a complete shard ({e}); "
+                                  "delete that shard's files or use --mode overwrite") from None
+        done.update(zip(t.column("key").to_pylist(), t.column("path").to_pylist()))
+    return done
+
+
+def _ordered_map(records: Iterable[InputRecord], cfg: WriterConfig, reader: FileSystem):
+    """Yield (record, result) in input order; result None for pre-failed records."""
+    workers = cfg.workers or os.cpu_count() or 1
+
+    def batches():
+        buf: list[InputRecord] = []
+        for rec in records:
+            buf.append(rec)
+            if len(buf) >= cfg.batch:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    def paths(batch):
+        return [None if r.error else r.path for r in batch]
+
+    if workers == 1:
+        _init_worker(reader, cfg.image_size, cfg.jpeg_quality, cfg.max_pixels)
+        for b in batches():
+            yield from zip(b, _encode_batch(paths(b)))
+        return
+    ctx = multiprocessing.get_context("forkserver")  # no fork of a threaded parent (Prefect, boto3)
+    window = 4 * workers
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(reader, cfg.image_size, cfg.jpeg_quality, cfg.max_pixels)) as pool:
+        pending: deque = deque()
+        for b in batches():
+            pending.append((b, pool.submit(_encode_batch, paths(b))))
+            while len(pending) >= window:
+                b0, fut = pending.popleft()
+                yield from zip(b0, fut.result())
+        while pending:
+            b0, fut = pending.popleft()
+            yield from zip(b0, fut.result())
+
+
+def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: WriterConfig | None = None,
+                 *, reader: FileSystem | None = None, meta: dict | None = None) -> ShardReport:
+    """Write `records` as shards into `out` (a local dir or a ShardStore). See the module doc."""
+    cfg = cfg or WriterConfig()
+    store = LocalShardStore(out) if isinstance(out, (str, os.PathLike)) else out
+    reader = reader or LocalFS()
+    t0 = time.time()
+    report = ShardReport(out=store.url)
+    complete, present = _scan(store)
+    if cfg.mode == "overwrite":
+        for i in sorted(present):
+            _delete_shard(store, i)
+        complete = set()
+    else:
+        for i in sorted(present - complete):
+            _delete_shard(store, i)  # incomplete: redone below
+    done = _done_inputs(store, complete)
+    seen_keys = {k for k, _ in done}
+    occurrences: Counter = Counter()
+    next_index = max(complete) + 1 if complete else 0
+    staging = store.staging_dir()
+    meta = {"image_size": cfg.image_size, "jpeg_quality": cfg.jpeg_quality, **(meta or {})}
+
+    def todo():
+        for rec in records:
+            report.inputs += 1
+            ident = (rec.key, rec.path)
+            n = occurrences[ident]
+            occurrences[ident] += 1
+            if n < done[ident]:
+                report.skipped += 1  # already a row of a complete shard
+                continue
+            if rec.key in seen_keys and rec.error is None:
+                rec.error = (R.DUPLICATE_ID, f"{rec.path}: id {rec.key!r} already used by an earlier input")
+            seen_keys.add(rec.key)
+            yield rec
+
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", desc=f"shard {store.url}", disable=not cfg.progress, smoothing=0.1,
+               mininterval=1.0)
+    shard: _Shard | None = None
+    try:
+        for rec, res in _ordered_map(todo(), cfg, reader):
+            ok = rec.error is None and res[0] == "ok"
+            # Rotate only when the next *sample* does not fit, so failed rows that follow the
+            # last sample stay in its shard instead of making a shard with an empty tar.
+            if ok and shard is not None and (shard.ok >= cfg.shard_size or shard.tar_bytes >= cfg.max_shard_bytes):
+                _close(shard, store, report)
+                shard = None
+            if shard is None:
+                shard = _Shard(next_index, staging, meta)
+                next_index += 1
+            if rec.error is not None:
+                shard.add_failed(rec, *rec.error)
+            elif not ok:
+                shard.add_failed(rec, res[1], res[2])
+            else:
+                shard.add_ok(rec, res[1])
+            bar.update(1)
+        if shard is not None:
+            _close(shard, store, report)
+            shard = None
+    except Exception as e:
+        from concurrent.futures.process import BrokenProcessPool
+        if isinstance(e, BrokenProcessPool):
+            raise ShardWriteError(f"a decoding worker died ({e}); rerun to resume") from None
+        raise
+    finally:
+        bar.close()
+    report.seconds = time.time() - t0
+    report.totals = totals(store)
+    return report
+
+
+def _close(shard: _Shard, store: ShardStore, report: ShardReport) -> None:
+    report.new_shards.append(shard.finish(store))
+    report.ok += shard.ok
+    report.failed += sum(shard.failed.values())
+    for k, v in shard.failed.items():
+        report.failed_by_reason[k] = report.failed_by_reason.get(k, 0) + v

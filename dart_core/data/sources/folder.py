@@ -1,0 +1,117 @@
+"""Generic folder: `labels.csv` with columns `path,labels` (labels separated by `|`; a `-` prefix
+marks a verified negative) + optional `classes.csv` (id,name,split) + the images.
+
+Without classes.csv the vocabulary is every label id found, sorted, all `seen`, names = ids.
+With it, a label id missing from classes.csv makes that row a failed row (unknown_class).
+Only images listed in labels.csv are inputs; other files in the folder are ignored."""
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+from dart_core.data import records as R
+from dart_core.data.fs import FileSystem, LocalFS, is_remote
+from dart_core.data.records import InputRecord, SourceData, SourceError, safe_key
+from dart_core.data.sources._util import csv_rows, read_text
+from dart_core.vocab import Vocabulary, VocabularyError
+
+
+def parse_labels(field: str) -> dict[str, int]:
+    """'a|b|-c' -> {'a': 1, 'b': 1, 'c': -1}. Raises ValueError on an empty or doubled token."""
+    out: dict[str, int] = {}
+    field = (field or "").strip()
+    if not field:
+        return out
+    for tok in field.split("|"):
+        tok = tok.strip()
+        val = 1
+        if tok.startswith("-"):
+            tok, val = tok[1:].strip(), -1
+        if not tok or tok.startswith("-"):
+            raise ValueError(f"malformed label token in {field!r}")
+        if out.get(tok, val) != val:
+            raise ValueError(f"label {tok!r} is both positive and negative")
+        out[tok] = val
+    return out
+
+
+def resolve_inside(root: str, rel: str) -> str | None:
+    """The image path for `rel` under `root`, or None if it escapes the root (absolute paths,
+    `..`, and — locally — symlinks pointing outside)."""
+    rel = rel.replace("\\", "/")
+    if not rel or rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
+        return None
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    if is_remote(root):
+        return root.rstrip("/") + "/" + norm
+    base = Path(root).resolve()
+    full = (base / norm)
+    try:
+        if not full.resolve().is_relative_to(base):
+            return None
+    except OSError:
+        return None
+    return str(full)
+
+
+def key_for(rel: str) -> str:
+    return safe_key(posixpath.splitext(posixpath.normpath(rel.replace("\\", "/")))[0])
+
+
+def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train",
+                labels_file: str = "labels.csv", classes_file: str = "classes.csv") -> SourceData:
+    fs = fs or LocalFS()
+    labels_url = fs.join(root, labels_file)
+    classes_url = fs.join(root, classes_file)
+    rows = csv_rows(read_text(fs, labels_url, "labels file (path,labels)"))
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
+        raise SourceError(f"{labels_url}: header must be path,labels")
+    vocab = None
+    if fs.exists(classes_url):
+        try:
+            vocab = Vocabulary.parse_csv(read_text(fs, classes_url, "classes file"), where=classes_url)
+        except VocabularyError as e:
+            raise SourceError(str(e)) from None
+    parsed = []
+    found: set[str] = set()
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        where = f"{labels_file}:{lineno}"
+        rel = row[0].strip()
+        if len(row) > 2 or not rel:
+            parsed.append((where, rel, None, (R.MALFORMED_ROW, f"{where}: expected 2 columns path,labels, got {row!r}")))
+            continue
+        try:
+            labels = parse_labels(row[1] if len(row) > 1 else "")
+        except ValueError as e:
+            parsed.append((where, rel, None, (R.MALFORMED_LABEL, f"{where}: {e}")))
+            continue
+        found.update(labels)
+        parsed.append((where, rel, labels, None))
+    if vocab is None:
+        if not found:
+            raise SourceError(f"{labels_url}: no labels and no {classes_file}; cannot build a vocabulary")
+        vocab = Vocabulary.from_names(sorted(found))
+    known = set(vocab.ids)
+    return SourceData("folder", split, vocab, _records(root, parsed, known), root)
+
+
+def _records(root: str, parsed, known: set[str]):
+    for where, rel, labels, err in parsed:
+        key = key_for(rel) if rel else safe_key(where)
+        src = {"dataset": "folder", "row": where, "path": rel}
+        if err is not None:
+            yield InputRecord(key, rel, {}, src, err)
+            continue
+        path = resolve_inside(root, rel)
+        if path is None:
+            yield InputRecord(key, rel, {}, src, (R.PATH_ESCAPES_SOURCE, f"{where}: {rel!r} is outside the source folder"))
+            continue
+        unknown = sorted(set(labels) - known)
+        if unknown:
+            yield InputRecord(key, path, {}, src, (R.UNKNOWN_CLASS, f"{where}: unknown class id(s) {unknown}"))
+            continue
+        yield InputRecord(key, path, labels, src)
