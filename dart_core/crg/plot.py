@@ -40,7 +40,9 @@ def neighbourhood_graph(crg: CRG, class_id: str):
         nbrs = crg.neighbors.get(dst, [])
         weights = crg.scores.get(dst, [])
         for k, src in enumerate(nbrs):
-            if src in node_set and src != dst:
+            # Fig. 9 draws information flowing *into* the target (red) and among the others (grey);
+            # the target's own outgoing edges would only clutter the picture
+            if src in node_set and src != dst and src != class_id:
                 w = float(weights[k]) if k < len(weights) else 1.0
                 g.add_edge(src, dst, weight=w, to_target=(dst == class_id))
     return g
