@@ -82,6 +82,7 @@ class ShardReport:
     failed: int = 0
     failed_by_reason: dict = field(default_factory=dict)
     new_shards: list = field(default_factory=list)   # tar URLs written by this run
+    resumed_shards: list = field(default_factory=list)  # complete shards holding skipped inputs
     seconds: float = 0.0
     totals: dict = field(default_factory=dict)        # over every complete shard in `out`
 
@@ -98,7 +99,8 @@ class ShardReport:
     def to_dict(self) -> dict:
         return {"out": self.out, "inputs": self.inputs, "skipped": self.skipped, "ok": self.ok,
                 "failed": self.failed, "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
-                "new_shards": list(self.new_shards), "seconds": round(self.seconds, 3),
+                "new_shards": list(self.new_shards), "resumed_shards": list(self.resumed_shards),
+                "seconds": round(self.seconds, 3),
                 "images_per_s": round(self.images_per_s, 1), "totals": self.totals,
                 "reconciles": self.reconciles()}
 
@@ -235,8 +237,9 @@ class _Shard:
         return store.url_of(f"{self.name}.tar")
 
 
-def _done_inputs(store: ShardStore, complete: set[int]) -> Counter:
-    done: Counter = Counter()
+def _done_inputs(store: ShardStore, complete: set[int]) -> dict:
+    """(key, path) -> the shard URLs holding its rows, in shard order (one per occurrence)."""
+    done: dict = {}
     for i in sorted(complete):
         name = shard_name(i) + ".parquet"
         try:
@@ -244,7 +247,9 @@ def _done_inputs(store: ShardStore, complete: set[int]) -> Counter:
         except Exception as e:  # noqa: BLE001
             raise ShardWriteError(f"{store.url_of(name)}: cannot read the sidecar of a complete shard ({e}); "
                                   "delete that shard's files or use --mode overwrite") from None
-        done.update(zip(t.column("key").to_pylist(), t.column("path").to_pylist()))
+        url = store.url_of(shard_name(i) + ".tar")
+        for ident in zip(t.column("key").to_pylist(), t.column("path").to_pylist()):
+            done.setdefault(ident, []).append(url)
     return done
 
 
@@ -314,8 +319,11 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
             ident = (rec.key, rec.path)
             n = occurrences[ident]
             occurrences[ident] += 1
-            if n < done[ident]:
+            prior = done.get(ident, ())
+            if n < len(prior):
                 report.skipped += 1  # already a row of a complete shard
+                if prior[n] not in report.resumed_shards:
+                    report.resumed_shards.append(prior[n])
                 continue
             if rec.key in seen_keys and rec.error is None:
                 rec.error = (R.DUPLICATE_ID, f"{rec.path}: id {rec.key!r} already used by an earlier input")
@@ -324,7 +332,7 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
 
     from tqdm import tqdm
 
-    bar = tqdm(unit="img", desc=f"shard {store.url}", disable=not cfg.progress, smoothing=0.1,
+    bar = tqdm(unit="img", desc=f"shard {store.url}", disable=None if cfg.progress else True, smoothing=0.1,
                mininterval=1.0)
     shard: _Shard | None = None
     try:

@@ -1,0 +1,97 @@
+"""`shard` flow: one source (local or s3://) in one of the four formats -> `OUT/classes.csv` +
+`OUT/<split>/NNNNNN.{tar,parquet}` + `NNNNNN_stats.json`. The CLI (`dart shard`) calls
+`shard_source`, the same function the flow's task runs.
+
+Vocabulary per mode: incremental requires OUT/classes.csv (if any) to equal the source's
+vocabulary; extend appends the source's new classes after the existing ones (class indices of
+existing shards stay valid); overwrite replaces it."""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import storage
+
+
+class ShardRunError(RuntimeError):
+    """The run cannot proceed; the message is one line naming the file or argument."""
+
+
+def resolve_vocabulary(out: str, vocab, mode: str):
+    from dart_core.vocab import Vocabulary, VocabularyError
+
+    url = storage.join(out, "classes.csv")
+    existing = None
+    if mode != "overwrite" and storage.exists(url):
+        try:
+            existing = Vocabulary.parse_csv(storage.read_bytes(url).decode("utf-8-sig"), where=url)
+        except VocabularyError as e:
+            raise ShardRunError(str(e)) from None
+    if existing is None:
+        final = vocab
+    elif mode == "extend":
+        final = existing.extend(vocab)
+    elif existing.hash() != vocab.hash():
+        raise ShardRunError(f"{url}: differs from the source's vocabulary ({len(existing)} vs {len(vocab)} classes, "
+                            f"hash {existing.hash()} vs {vocab.hash()}); use --mode extend to append the new "
+                            "classes or --mode overwrite to start over")
+    else:
+        final = existing
+    if len(final) and (existing is None or final.hash() != existing.hash()):
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["id", "name", "split"])
+        w.writerows(zip(final.ids, final.names, final.splits))
+        storage.write_bytes(url, buf.getvalue().encode())
+    return final
+
+
+def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, shard_size: int = 5000,
+                 mode: str = "incremental", workers: int | None = None, image_size: int = 256,
+                 max_shard_bytes: int = 1 << 30, progress: bool = True) -> dict:
+    """Shard one source; returns the reconciliation report (ShardReport.to_dict() + vocabulary)."""
+    from dart_core.data.records import SourceError
+    from dart_core.data.shard_writer import ShardWriteError, WriterConfig, write_shards
+    from dart_core.data.sources import open_source
+
+    try:
+        cfg = WriterConfig(shard_size=shard_size, mode=mode, workers=workers, image_size=image_size,
+                           max_shard_bytes=max_shard_bytes, progress=progress)
+        fs = storage.StorageFS()
+        src = open_source(fmt, source, split=split, fs=fs)
+        vocab = resolve_vocabulary(out, src.vocab, mode)
+        store = storage.shard_store(storage.join(out, src.split))
+        report = write_shards(src.records, store, cfg, reader=fs,
+                              meta={"dataset": src.dataset, "split": src.split, "source": source})
+    except (SourceError, ShardWriteError) as e:
+        raise ShardRunError(str(e)) from None
+    d = report.to_dict()
+    d.update(split=src.split, dataset=src.dataset, classes=len(vocab), vocab_hash=vocab.hash(),
+             classes_csv=storage.join(out, "classes.csv"))
+    return d
+
+
+@task(name="shard-split", cache_policy=NO_CACHE)  # side effects; a rerun must resume, not replay
+def shard_split_task(source: str, fmt: str, out: str, split: str | None, shard_size: int, mode: str,
+                     workers: int | None, image_size: int) -> dict:
+    return shard_source(source, fmt, out, split=split, shard_size=shard_size, mode=mode,
+                        workers=workers, image_size=image_size, progress=False)
+
+
+@task(name="reconcile", cache_policy=NO_CACHE)
+def reconcile_task(shard_dir: str) -> dict:
+    from dart_core.data.shard_writer import totals
+
+    return totals(storage.shard_store(shard_dir))
+
+
+@flow(name="shard")
+def shard(source: str, format: str, out: str, split: str | None = None, shard_size: int = 5000,
+          mode: str = "incremental", workers: int | None = None, image_size: int = 256) -> dict:
+    """Shard SOURCE (format openimages|nuswide|coco|folder) into OUT; returns the report."""
+    report = shard_split_task(source, format, out, split, shard_size, mode, workers, image_size)
+    report["totals"] = reconcile_task(storage.join(out, report["split"]))
+    return report
