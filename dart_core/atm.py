@@ -1,0 +1,69 @@
+"""Adaptive Transfer Module (paper Sec. 3.4, Eq. 5, App. C.2-C.3).
+
+GATv2 message passing over the Class Relationship Graph, in two stages:
+  Text-ATM : h_0 = t_c, 2 GATv2 layers -> h_txt
+  fusion   : x_mm = FNN([x_vis || h_txt])
+  MM-ATM   : h_0 = x_mm, 2 GATv2 layers over each image's copy of the class graph -> h_mm
+
+Each layer: multi-head GATv2 (heads concatenated, C.15), ELU (σ_GAT of C.14), residual (Eq. 5 / C.16).
+Choices where the paper is silent (README): a LayerScale on each residual branch (init 0.1) and a
+residual FNN whose last layer starts at zero (x_mm = x_vis + FNN(...)), so an untrained ATM is
+close to the identity and training starts from the VLP's own zero-shot geometry.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATv2Conv
+
+
+class GATv2Residual(nn.Module):
+    def __init__(self, dim: int, heads: int = 4, layerscale_init: float = 0.1):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"ATM dim {dim} is not divisible by gat_heads={heads}")
+        # Edges already carry self-loops (CRG.edge_index), so GATv2Conv must not add them again.
+        self.conv = GATv2Conv(dim, dim // heads, heads=heads, concat=True, add_self_loops=False)  # C.12-C.15
+        self.act = nn.ELU()
+        self.gamma = nn.Parameter(torch.full((dim,), layerscale_init))
+
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return h + self.gamma * self.act(self.conv(h, edge_index))  # Eq. 5 / C.16
+
+
+class ATM(nn.Module):
+    def __init__(self, dim: int, heads: int = 4, n_layers: int = 2, fnn_hidden: int | None = None):
+        super().__init__()
+        self.text_layers = nn.ModuleList(GATv2Residual(dim, heads) for _ in range(n_layers))
+        hidden = fnn_hidden or dim
+        self.fnn_vis = nn.Linear(dim, hidden)  # FNN on the concatenation [x_vis || h_txt], with its
+        self.fnn_txt = nn.Linear(dim, hidden, bias=False)  # first layer split in two halves
+        self.fnn_out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fnn_out.weight)
+        nn.init.zeros_(self.fnn_out.bias)
+        self.act = nn.GELU()
+        self.mm_layers = nn.ModuleList(GATv2Residual(dim, heads) for _ in range(n_layers))
+
+    def text(self, t: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """Text-ATM: (C, D) -> (C, D)."""
+        h = t
+        for layer in self.text_layers:
+            h = layer(h, edge_index)
+        return h
+
+    def fuse(self, x_vis: torch.Tensor, h_txt: torch.Tensor) -> torch.Tensor:
+        """x_mm = x_vis + FNN([x_vis || h_txt]); x_vis (B, C, D), h_txt (C, D).
+
+        Splitting the first linear over the two halves of the concatenation is the same map and
+        computes W_txt·h_txt once per class instead of once per (image, class)."""
+        return x_vis + self.fnn_out(self.act(self.fnn_vis(x_vis) + self.fnn_txt(h_txt)))
+
+    def multimodal(self, x_mm: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """MM-ATM over B copies of the class graph: (B, C, D) -> (B, C, D)."""
+        B, C, D = x_mm.shape
+        offsets = (torch.arange(B, device=x_mm.device) * C).view(B, 1, 1)
+        batched = (edge_index.unsqueeze(0) + offsets).transpose(0, 1).reshape(2, -1)
+        h = x_mm.reshape(B * C, D)
+        for layer in self.mm_layers:
+            h = layer(h, batched)
+        return h.view(B, C, D)

@@ -1,0 +1,161 @@
+"""DART = frozen backbone + ARM + top-K class-attentive aggregation + ATM (paper Fig. 2, Sec. 3.1).
+
+Scores (DESIGN.md): S̃(i,c) = s·cos(x̃ⁱ, t_c), S*(i,c) = s·cos(x_origⁱ, t_c), ŷ_c = s·cos(h_mm^(c), t_c),
+with s = the backbone's logit_scale.exp(), fixed (also the WPS τ, App. A).
+Class-attentive feature: x_vis^(c) = mean of the top-K refined patches by S̃(·,c), L2-normalised,
+plus the L2-normalised global image feature (the "sum" combination; README explains the choice).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dart_core.arm import ARM
+from dart_core.atm import ATM
+from dart_core.backbone import FrozenBackbone
+
+
+@dataclass
+class DARTConfig:
+    backbone: str = "ViT-B-16"
+    pretrained: Optional[str] = "openai"
+    prompt_template: str = "a photo of a {}."
+    # ARM (Sec. 3.2, App. A)
+    use_arm: bool = True
+    arm_layers: int = 1
+    lora_r: int = 32
+    lora_alpha: int = 128
+    arm_ffn_hidden: Optional[int] = None  # default: backbone width
+    # aggregation (Sec. 3.1, App. D.2 Fig. 7c)
+    top_k: int = 16
+    # ATM (Sec. 3.4, App. A/C)
+    use_atm: bool = True
+    atm_layers: int = 2
+    gat_heads: int = 4
+    # losses (Eq. 1, Eq. 4)
+    use_wps: bool = True
+    gamma_wps: float = 5.0
+    gamma_penalty: float = 1.0
+    wps_k_hard: int = 16
+    ranking_margin: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DARTConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DART config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class DARTOutput:
+    logits: torch.Tensor  # (B, C) final scores ŷ
+    patch_logits: torch.Tensor  # (B, P, C) S̃
+    prior_logits: torch.Tensor  # (B, P, C) S* (no gradient)
+    delta: torch.Tensor  # (B, P, D) Δx̃ (zeros without ARM)
+    topk: torch.Tensor  # (B, C, K) indices of the selected patches per class
+    zero_shot: torch.Tensor  # (B, C) the frozen VLP's own score s·cos(global, t_c)
+    extras: dict = field(default_factory=dict)
+
+
+class DART(nn.Module):
+    def __init__(self, cfg: DARTConfig, backbone: FrozenBackbone | None = None, device: str = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone or FrozenBackbone(cfg.backbone, cfg.pretrained, cfg.prompt_template, device=device)
+        D = self.backbone.embed_dim
+        self.arm = ARM(self.backbone, cfg.arm_layers, cfg.lora_r, cfg.lora_alpha, cfg.arm_ffn_hidden) if cfg.use_arm else None
+        self.atm = ATM(D, cfg.gat_heads, cfg.atm_layers) if cfg.use_atm else None
+        self.scale = self.backbone.logit_scale
+        self.register_buffer("text", torch.zeros(0, D), persistent=False)
+        self.register_buffer("edge_index", torch.zeros(2, 0, dtype=torch.long), persistent=False)
+        self.class_names: list[str] = []
+        self.to(device)
+
+    # ---- vocabulary ---------------------------------------------------------
+    def set_classes(self, names: list[str], edge_index: torch.Tensor | None = None,
+                    text: torch.Tensor | None = None) -> None:
+        """Point the model at a vocabulary (any size, seen or unseen): text embeddings t_c from the
+        frozen text tower and the CRG's edge_index (self-loops only when None). No retraining."""
+        device = self.text.device
+        t = text if text is not None else self.backbone.text_embeddings(list(names))
+        C = len(names)
+        if edge_index is None:
+            edge_index = torch.arange(C).repeat(2, 1)
+        if edge_index.numel() and int(edge_index.max()) >= C:
+            raise ValueError(f"edge_index refers to class {int(edge_index.max())} but there are {C} classes")
+        self.text = F.normalize(t.to(device).float(), dim=-1)
+        self.edge_index = edge_index.to(device)
+        self.class_names = list(names)
+
+    # ---- parameters ---------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k in names}
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        # The ARM's frozen q/k/v/out copies duplicate backbone weights; count them apart.
+        frozen_copies = sum(p.numel() for n, p in self.named_parameters()
+                            if not p.requires_grad and n.startswith("arm."))
+        vision = sum(p.numel() for p in self.backbone.clip.visual.parameters())
+        return {"total": total, "trainable": trainable, "frozen_backbone": total - trainable - frozen_copies,
+                "arm_frozen_copies": frozen_copies, "vision_tower": vision,
+                "arm": sum(p.numel() for p in self.arm.parameters() if p.requires_grad) if self.arm else 0,
+                "atm": sum(p.numel() for p in self.atm.parameters()) if self.atm else 0}
+
+    def backbone_fingerprint(self) -> str:
+        """A short hash of the frozen weights: a checkpoint only loads onto the backbone it was trained on."""
+        h = hashlib.sha256()
+        v = self.backbone.clip.visual
+        for t in (v.proj, v.class_embedding, self.backbone.clip.text_projection):
+            if t is not None:
+                h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ---- forward ------------------------------------------------------------
+    def forward(self, images: torch.Tensor, with_priors: bool = True) -> DARTOutput:
+        if self.text.shape[0] == 0:
+            raise RuntimeError("call set_classes() before scoring")
+        n_blocks = self.cfg.arm_layers if self.arm is not None else 0
+        feats = self.backbone.forward_features(images, n_blocks)
+        x_orig = feats.patch_features.float()
+        t = self.text
+        s = self.scale
+        if self.arm is not None:
+            delta = self.arm(feats).float()
+            x_ref = x_orig + delta  # x̃ = x_orig + Δx̃
+        else:
+            delta = torch.zeros_like(x_orig)
+            x_ref = x_orig
+        x_ref_n = F.normalize(x_ref, dim=-1)
+        patch_logits = s * x_ref_n @ t.T  # S̃ (B, P, C)
+        with torch.no_grad():
+            prior = s * F.normalize(x_orig, dim=-1) @ t.T if with_priors else patch_logits.detach()  # S*
+            g = F.normalize(feats.global_feature.float(), dim=-1)
+            zero_shot = s * g @ t.T
+        K = min(self.cfg.top_k, patch_logits.shape[1])
+        topk = patch_logits.detach().topk(K, dim=1).indices.transpose(1, 2)  # (B, C, K)
+        # mean of the selected patches as a (B, C, P) averaging matrix times (B, P, D): never
+        # materialises the (B, C, K, D) gather.
+        B, P, _ = x_ref_n.shape
+        weights = torch.zeros(B, t.shape[0], P, device=x_ref_n.device, dtype=x_ref_n.dtype)
+        weights.scatter_(2, topk, 1.0 / K)
+        x_vis = F.normalize(torch.bmm(weights, x_ref_n), dim=-1) + g.unsqueeze(1)  # x_vis^(c), "sum"
+        if self.atm is not None:
+            h_txt = self.atm.text(t, self.edge_index)
+            h = self.atm.multimodal(self.atm.fuse(x_vis, h_txt), self.edge_index)
+        else:
+            h = x_vis
+        logits = s * torch.einsum("bcd,cd->bc", F.normalize(h, dim=-1), t)  # ŷ_c = s·cos(h^(c), t_c)
+        return DARTOutput(logits, patch_logits, prior, delta, topk, zero_shot)

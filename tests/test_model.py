@@ -1,0 +1,117 @@
+"""The DART model: frozen main stream, where gradients go, LoRA placement, open vocabulary."""
+import pytest
+import torch
+
+from dart_core.backbone import BackboneError, FrozenBackbone
+from dart_core.losses import total_loss
+from dart_core.model import DART
+from tests.model_fixtures import NAMES, fixed_batch, other_clip_ckpt, tiny_clip_ckpt, tiny_config, tiny_model, vocab  # noqa: F401
+
+
+def test_local_checkpoint_loads_through_open_clip(tiny_clip_ckpt):
+    b = FrozenBackbone("dart-tiny-vit", pretrained=tiny_clip_ckpt)
+    saved = torch.load(tiny_clip_ckpt, weights_only=True)
+    assert torch.equal(b.clip.visual.proj, saved["visual.proj"])
+    assert all(not p.requires_grad for p in b.parameters())
+    b.train()
+    assert not b.training  # the backbone stays in eval mode
+
+
+def test_backbone_errors_are_clear(tmp_path):
+    with pytest.raises(BackboneError, match="unknown open_clip model 'No-Such-ViT'"):
+        FrozenBackbone("No-Such-ViT", pretrained=None)
+    with pytest.raises(BackboneError, match="not found"):
+        FrozenBackbone("dart-tiny-vit", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(BackboneError, match="no '\\{\\}'"):
+        FrozenBackbone("dart-tiny-vit", pretrained=None, prompt_template="a photo")
+
+
+def test_main_stream_bit_identical_with_and_without_arm(tiny_clip_ckpt):
+    x, _ = fixed_batch(4)
+    b = FrozenBackbone("dart-tiny-vit", pretrained=tiny_clip_ckpt)
+    ref = b.clip.encode_image(x)
+    with_arm = DART(tiny_config(pretrained=tiny_clip_ckpt), backbone=b)
+    with_arm.set_classes(NAMES)
+    without = DART(tiny_config(pretrained=tiny_clip_ckpt, use_arm=False), backbone=b)
+    without.set_classes(NAMES)
+    # make the ARM do something: random LoRA/FFN weights
+    with torch.no_grad():
+        for n, p in with_arm.arm.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    f0 = b.forward_features(x, 0)
+    f2 = b.forward_features(x, 2)
+    assert torch.equal(f0.global_feature, ref) and torch.equal(f2.global_feature, ref)
+    assert torch.equal(f0.patch_features, f2.patch_features)
+    o1, o2 = with_arm(x), without(x)
+    assert torch.equal(o1.zero_shot, o2.zero_shot)
+    assert torch.equal(o1.prior_logits, o2.prior_logits)
+    assert o1.delta.abs().sum() > 0 and not torch.equal(o1.patch_logits, o2.patch_logits)
+    assert torch.equal(b.clip.encode_image(x), ref)  # nothing in the backbone changed
+
+
+def test_arm_starts_as_identity(tiny_model):
+    x, _ = fixed_batch(2)
+    out = tiny_model(x)
+    assert torch.count_nonzero(out.delta) == 0
+    assert torch.allclose(out.patch_logits, out.prior_logits)
+
+
+def test_lora_only_on_q_and_out_with_paper_rank(tiny_clip_ckpt):
+    m = DART(tiny_config(pretrained=tiny_clip_ckpt, lora_r=32, lora_alpha=128))
+    for layer in m.arm.layers:
+        lora = {n for n, p in layer.attn.named_parameters() if p.requires_grad}
+        assert lora == {"q.lora_A.default.weight", "q.lora_B.default.weight",
+                        "out.lora_A.default.weight", "out.lora_B.default.weight"}
+        assert layer.attn.q.lora_A["default"].weight.shape == (32, 64)
+        assert layer.attn.q.scaling["default"] == 128 / 32
+        assert not hasattr(layer.attn.k, "lora_A") and not hasattr(layer.attn.v, "lora_A")
+        # the copies hold the frozen block's weights
+    blk = m.backbone.blocks[-1]
+    d = blk.attn.embed_dim
+    assert torch.equal(m.arm.layers[-1].attn.k.weight, blk.attn.in_proj_weight[d:2 * d])
+    assert torch.equal(m.arm.layers[-1].attn.out.base_layer.weight, blk.attn.out_proj.weight)
+
+
+def test_gradients_reach_only_arm_and_atm(tiny_model):
+    x, y = fixed_batch(4)
+    # one optimiser step so the zero-initialised layers stop blocking gradients
+    opt = torch.optim.SGD([p for p in tiny_model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(4):  # zero-initialised FFN out, LoRA B: gradients reach deeper each step
+        opt.zero_grad()
+        loss, _ = total_loss(tiny_model(x), y, 0.5, tiny_model.cfg)
+        loss.backward()
+        opt.step()
+    for n, p in tiny_model.named_parameters():
+        if n.startswith("backbone.") or ".base_layer." in n or n.split(".")[-2] in ("k", "v", "ln_1"):
+            assert p.grad is None and not p.requires_grad, n
+        else:
+            assert p.requires_grad, n
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    prefixes = {n.split(".")[0] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert prefixes == {"arm", "atm"}
+
+
+def test_ablation_switches_change_the_parameter_set(tiny_clip_ckpt):
+    full = DART(tiny_config(pretrained=tiny_clip_ckpt)).parameter_counts()
+    no_arm = DART(tiny_config(pretrained=tiny_clip_ckpt, use_arm=False)).parameter_counts()
+    no_atm = DART(tiny_config(pretrained=tiny_clip_ckpt, use_atm=False)).parameter_counts()
+    assert no_arm["arm"] == 0 and no_atm["atm"] == 0
+    assert full["trainable"] == no_arm["trainable"] + full["arm"] == no_atm["trainable"] + full["atm"]
+
+
+def test_new_classes_at_inference_without_retraining(tiny_model):
+    x, _ = fixed_batch(3)
+    with torch.no_grad():
+        before = tiny_model(x).logits
+    C = len(NAMES)
+    old_edges = tiny_model.edge_index
+    # two new classes linked to each other only: the old classes' scores must not move
+    new_edges = torch.tensor([[C, C + 1], [C + 1, C]])
+    tiny_model.set_classes(NAMES + ["zebra", "giraffe"], torch.cat([old_edges, new_edges, torch.arange(C, C + 2).repeat(2, 1)], 1))
+    with torch.no_grad():
+        after = tiny_model(x).logits
+    assert after.shape == (3, C + 2)
+    assert torch.allclose(after[:, :C], before, atol=1e-5)
+    with pytest.raises(ValueError, match="refers to class"):
+        tiny_model.set_classes(["a", "b"], torch.tensor([[0, 5], [1, 1]]))
