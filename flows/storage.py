@@ -227,9 +227,9 @@ class S3ShardStore:
     def staging_dir(self) -> Path:
         import tempfile
 
-        if self._staging is None:
-            self._staging = tempfile.TemporaryDirectory(prefix="dart-shard-")
-        return Path(self._staging.name)
+        # a fresh dir per run; the writer removes it when done (a killed run leaves it in /tmp)
+        self._staging = Path(tempfile.mkdtemp(prefix="dart-shard-"))
+        return self._staging
 
 
 def shard_store(url: str):

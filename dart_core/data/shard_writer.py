@@ -309,7 +309,11 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
     done = _done_inputs(store, complete)
     seen_keys = {k for k, _ in done}
     occurrences: Counter = Counter()
-    next_index = max(complete) + 1 if complete else 0
+    # incremental: an incomplete shard is redone under its own number (gaps are filled first);
+    # extend: new shards are numbered after the last complete one.
+    top = max(complete) + 1 if complete else 0
+    free = [i for i in range(top) if i not in complete] if cfg.mode == "incremental" else []
+    numbers = iter(free + list(range(top, 10**6)))
     staging = store.staging_dir()
     meta = {"image_size": cfg.image_size, "jpeg_quality": cfg.jpeg_quality, **(meta or {})}
 
@@ -344,8 +348,7 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
                 _close(shard, store, report)
                 shard = None
             if shard is None:
-                shard = _Shard(next_index, staging, meta)
-                next_index += 1
+                shard = _Shard(next(numbers), staging, meta)
             if rec.error is not None:
                 shard.add_failed(rec, *rec.error)
             elif not ok:
@@ -363,6 +366,9 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
         raise
     finally:
         bar.close()
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)  # only on success: a crash leaves it for the next run to clear
     report.seconds = time.time() - t0
     report.totals = totals(store)
     return report

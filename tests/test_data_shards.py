@@ -1,0 +1,223 @@
+"""Shard writer + reader on local disk: exact key sets, failed rows per reason, modes, the reader
+contract, and exactly-once under kill -9."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dart_core.data.reader import list_shards, make_loader
+from dart_core.vocab import Vocabulary
+from flows.shard import ShardRunError, shard_source
+from tests.data_fixtures import jpeg, make_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tar_samples(shard_dir: Path) -> dict[str, dict]:
+    """key -> {ext: bytes} over every tar in the dir; asserts no key appears twice."""
+    out: dict[str, dict] = {}
+    for t in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                assert not (key in out and ext in out[key]), f"duplicate sample {key} in {t}"
+                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def parquet_rows(shard_dir: Path) -> list[dict]:
+    return [r for p in sorted(shard_dir.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    exp = make_folder(root / "src")
+    report = shard_source(str(root / "src"), "folder", str(root / "out"), shard_size=5, workers=2, progress=False)
+    return root, exp, report
+
+
+def test_folder_shards_exact(folder_run):
+    root, exp, report = folder_run
+    shard_dir = root / "out" / "train"
+    samples = tar_samples(shard_dir)
+    assert set(samples) == set(exp["ok"])
+    for key, lab in exp["ok"].items():
+        meta = json.loads(samples[key]["json"])
+        assert meta["id"] == key and meta["labels"] == lab
+        im = Image.open(io.BytesIO(samples[key]["jpg"]))
+        assert im.format == "JPEG" and im.mode == "RGB" and min(im.size) <= 256
+    # EXIF orientation applied: stored 400x300 with orientation 6 -> 300x400 -> 256x341
+    assert Image.open(io.BytesIO(samples["img_rotated"]["jpg"])).size == (256, 341)
+    # 16-bit white stays white (scaled, not clipped to garbage); alpha composited on white
+    assert Image.open(io.BytesIO(samples["img_sixteen"]["jpg"])).getpixel((5, 5))[0] > 240
+    assert Image.open(io.BytesIO(samples["img_alpha"]["jpg"])).getpixel((5, 5))[1] > 240
+    rows = parquet_rows(shard_dir)
+    assert len(rows) == exp["inputs"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert Counter(r["reason"] for r in failed) == Counter(exp["reasons"])
+    assert {r["key"]: r["reason"] for r in failed if r["reason"] != "duplicate_id"} == exp["failed"]
+    assert [r["key"] for r in failed if r["reason"] == "duplicate_id"] == ["img_g001"]
+    assert all(r["error"].startswith(r["reason"] + ": ") for r in failed)
+    assert report["reconciles"] and report["ok"] == len(exp["ok"]) and report["inputs"] == exp["inputs"]
+    assert report["failed_by_reason"] == dict(sorted(exp["reasons"].items()))
+    assert report["totals"]["inputs"] == exp["inputs"] and report["totals"]["ok"] == len(exp["ok"])
+    n = len(list(shard_dir.glob("*.tar")))
+    assert n == -(-len(exp["ok"]) // 5)
+    for t in shard_dir.glob("*.tar"):
+        stats = json.loads(t.with_name(t.stem + "_stats.json").read_text())
+        assert stats["tar_bytes"] == t.stat().st_size
+    assert Vocabulary.read_csv(root / "out" / "classes.csv").ids == ("cat", "dog", "bird")
+
+
+def test_reader_eval_exactly_once_and_labels(folder_run):
+    root, exp, _ = folder_run
+    shards = list_shards(str(root / "out" / "train"))
+    assert [Path(s).name for s in shards] == [f"{i:06d}.tar" for i in range(len(shards))]
+    vocab = Vocabulary.read_csv(root / "out" / "classes.csv")
+    pre = lambda im: torch.from_numpy(__import__("numpy").asarray(im.resize((32, 32)), dtype="float32")).permute(2, 0, 1)
+    expected_order = [k for s in sorted((root / "out" / "train").glob("*.tar")) for k in
+                      dict.fromkeys(m.name.split(".")[0] for m in tarfile.open(s).getmembers())]
+    for workers in (0, 2):
+        keys, labels = [], {}
+        for imgs, lab, k in make_loader(str(root / "out" / "train"), vocab, pre, 4, train=False, num_workers=workers):
+            assert imgs.dtype == torch.float32 and imgs.shape[1:] == (3, 32, 32)
+            assert lab.dtype == torch.int8 and lab.shape == (len(k), 3)
+            keys += k
+            labels.update(zip(k, lab.tolist()))
+        assert sorted(keys) == sorted(exp["ok"]) and len(keys) == len(set(keys))
+        if workers == 0:
+            assert keys == expected_order  # order within (and across) shards preserved
+        for key, lab in exp["ok"].items():
+            assert labels[key] == [lab.get(c, 0) for c in vocab.ids]
+    # a subset / superset vocabulary: unknown ids ignored, absent classes 0
+    other = Vocabulary.from_names(["dog", "zebra"])
+    got = {k: l.tolist() for _, L, K in make_loader(shards, other, pre, 64, train=False) for k, l in zip(K, L)}
+    assert got["img_sub_g000"] == [1, 0] and got["img_g001"] == [-1, 0]
+
+
+def test_reader_eval_split_by_node_is_a_partition(folder_run, monkeypatch):
+    root, exp, _ = folder_run
+    vocab = Vocabulary.read_csv(root / "out" / "classes.csv")
+    pre = lambda im: torch.zeros(3, 2, 2)
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        per_rank.append([k for _, _, K in make_loader(str(root / "out" / "train"), vocab, pre, 3, train=False) for k in K])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(exp["ok"])
+
+
+def test_reader_train_shuffles_and_drops_last(folder_run):
+    root, exp, _ = folder_run
+    vocab = Vocabulary.read_csv(root / "out" / "classes.csv")
+    pre = lambda im: torch.zeros(3, 2, 2)
+    batches = list(make_loader(str(root / "out" / "train"), vocab, pre, 4, train=True, shuffle_buffer=50, seed=1))
+    n = len(exp["ok"])
+    assert all(len(b[2]) == 4 for b in batches) and len(batches) == n // 4
+    keys = [k for b in batches for k in b[2]]
+    assert len(set(keys)) == len(keys) and set(keys) <= set(exp["ok"])
+    again = [k for b in make_loader(str(root / "out" / "train"), vocab, pre, 4, train=True, shuffle_buffer=50, seed=1) for k in b[2]]
+    assert again == keys  # seeded
+    assert keys != sorted(keys)
+    full = [k for b in make_loader(str(root / "out" / "train"), vocab, pre, 4, train=True, drop_last=False,
+                                   num_workers=2) for k in b[2]]
+    assert sorted(full) == sorted(exp["ok"])
+
+
+def _small_folder(root: Path, names: list[str], label: str = "cat") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        (root / f"{n}.jpg").write_bytes(jpeg(120, 100, i))
+    (root / "labels.csv").write_text("path,labels\n" + "".join(f"{n}.jpg,{label}\n" for n in names))
+
+
+def test_modes_incremental_extend_overwrite(tmp_path):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    _small_folder(a, [f"a{i}" for i in range(7)])
+    r = shard_source(str(a), "folder", str(out), shard_size=3, workers=1, progress=False)
+    d = out / "train"
+    assert sorted(p.name for p in d.glob("*.tar")) == ["000000.tar", "000001.tar", "000002.tar"]
+    # incremental rerun: nothing to do
+    r = shard_source(str(a), "folder", str(out), shard_size=3, workers=1, progress=False)
+    assert (r["skipped"], r["ok"], r["new_shards"]) == (7, 0, [])
+    # a shard without its stats file is incomplete: redone under the same number
+    (d / "000001_stats.json").unlink()
+    r = shard_source(str(a), "folder", str(out), shard_size=3, workers=1, progress=False)
+    assert (r["skipped"], r["ok"]) == (4, 3) and r["new_shards"] == [str(d / "000001.tar")]
+    assert sorted(tar_samples(d)) == sorted(f"a{i}" for i in range(7))
+    # incremental with another vocabulary: refused, naming classes.csv
+    _small_folder(b, [f"b{i}" for i in range(4)], label="dog")
+    with pytest.raises(ShardRunError, match="classes.csv: differs"):
+        shard_source(str(b), "folder", str(out), shard_size=3, workers=1, progress=False)
+    # extend: new shards after the last, vocabulary appended
+    r = shard_source(str(b), "folder", str(out), shard_size=3, workers=1, mode="extend", progress=False)
+    assert r["new_shards"] == [str(d / "000003.tar"), str(d / "000004.tar")]
+    assert Vocabulary.read_csv(out / "classes.csv").ids == ("cat", "dog")
+    assert sorted(tar_samples(d)) == sorted([f"a{i}" for i in range(7)] + [f"b{i}" for i in range(4)])
+    assert r["totals"]["inputs"] == 11
+    # overwrite: only the new source, numbered from 0
+    r = shard_source(str(b), "folder", str(out), shard_size=3, workers=1, mode="overwrite", progress=False)
+    assert sorted(p.name for p in d.glob("*")) == ["000000.parquet", "000000.tar", "000000_stats.json",
+                                                   "000001.parquet", "000001.tar", "000001_stats.json"]
+    assert sorted(tar_samples(d)) == [f"b{i}" for i in range(4)]
+
+
+def test_list_shards_ignores_incomplete(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    for n in ("000000.tar", "000000_stats.json", "000001.tar", "000002_stats.json", "000003.tar", "000003_stats.json"):
+        (d / n).write_bytes(b"")
+    assert list_shards(str(d)) == [str(d / "000000.tar"), str(d / "000003.tar")]
+
+
+KILL_SCRIPT = """
+import sys
+from flows.shard import shard_source
+shard_source(sys.argv[1], "folder", sys.argv[2], shard_size=7, workers=2, progress=False)
+"""
+
+
+def test_kill9_exactly_once(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    names = [f"k{i:03d}" for i in range(150)]
+    _small_folder(src, names)
+    with open(src / "labels.csv", "a") as f:  # a few failed rows and a duplicate too
+        f.write("missing.jpg,cat\nk005.jpg,cat\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(out)], env=env,
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 3.0))
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # the whole group: writer and its decoding workers
+            kills += 1
+        p.wait()
+    assert kills >= 3
+    done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(src), str(out)], env=env, timeout=300)
+    assert done.returncode == 0
+    d = out / "train"
+    samples = tar_samples(d)  # asserts no duplicate sample
+    assert sorted(samples) == names
+    rows = parquet_rows(d)
+    assert len(rows) == 152
+    assert Counter((r["status"], r["reason"]) for r in rows) == {("ok", None): 150, ("failed", "missing_file"): 1,
+                                                                 ("failed", "duplicate_id"): 1}
+    assert not list(d.glob("*.tmp*")) and all(t.with_name(t.stem + "_stats.json").exists() for t in d.glob("*.tar"))

@@ -1,0 +1,104 @@
+"""Source readers on generated fixtures in each dataset's published file layout."""
+from __future__ import annotations
+
+import pytest
+
+from dart_core.data.records import SourceError
+from dart_core.data.sources import open_source
+from tests.data_fixtures import NUS_CONCEPTS, make_coco, make_folder, make_nuswide, make_openimages
+
+
+def _by_key(src):
+    return {r.key: r for r in src.records}
+
+
+@pytest.mark.parametrize("version", ["v4", "v6", "v7"])
+def test_openimages_layouts_and_computed_unseen(tmp_path, version):
+    exp = make_openimages(tmp_path, version)
+    src = open_source("openimages", str(tmp_path), split="train", n_unseen=2)
+    assert src.vocab.ids == ("/m/000", "/m/001", "/m/002", "/m/003", "/m/007", "/m/004")
+    assert src.vocab.splits == ("seen",) * 4 + ("unseen",) * 2
+    assert src.vocab.names[0] == "Thing 0"
+    recs = _by_key(src)
+    assert set(recs) == set(exp["ok"]) | set(exp["failed"])
+    for k, lab in exp["ok"].items():
+        assert recs[k].error is None and recs[k].labels == lab
+        assert recs[k].path == str(tmp_path / "train" / f"{k}.jpg")
+    for k, reason in exp["failed"].items():
+        assert recs[k].error[0] == reason
+
+
+def test_openimages_given_unseen_list(tmp_path):
+    make_openimages(tmp_path, "v6")
+    (tmp_path / "unseen.txt").write_text("/m/005\n/m/006\n")
+    src = open_source("openimages", str(tmp_path))
+    assert src.vocab.ids[4:] == ("/m/005", "/m/006") and src.vocab.unseen_mask.sum() == 2
+    recs = _by_key(src)
+    assert recs[f"{0:016x}"].labels == {"/m/000": 1, "/m/001": -1, "/m/005": 1}
+    assert recs[f"{1:016x}"].labels == {"/m/000": 1, "/m/001": -1}   # /m/004, /m/007 now outside
+
+
+def test_openimages_missing_file_is_run_error(tmp_path):
+    make_openimages(tmp_path, "v6")
+    (tmp_path / "oidv6-classes-trainable.txt").unlink()
+    with pytest.raises(SourceError, match="trainable classes"):
+        open_source("openimages", str(tmp_path))
+
+
+def test_nuswide_layout(tmp_path):
+    exp = make_nuswide(tmp_path)
+    src = open_source("nuswide", str(tmp_path), split="train")
+    # seen = tags minus the concepts (sky, dog), in TagList order; unseen = the concepts
+    assert src.vocab.ids == ("sunset", "car", "tree", "beach", "sky", "dog", "animal")
+    assert src.vocab.splits == ("seen",) * 4 + ("unseen",) * 3
+    recs = _by_key(src)
+    assert set(recs) == set(exp["ok"]) | set(exp["failed"])
+    for k, lab in exp["ok"].items():
+        assert recs[k].labels == lab and recs[k].error is None
+    assert recs["actor_0001_2124494179"].path == str(tmp_path / "Flickr" / "actor" / "0001_2124494179.jpg")
+    assert recs["beach_0004_99"].error[0] == "malformed_label"
+    assert len(NUS_CONCEPTS) == src.vocab.unseen_mask.sum()
+
+
+def test_nuswide_length_mismatch_names_file(tmp_path):
+    make_nuswide(tmp_path)
+    (tmp_path / "Groundtruth/TrainTestLabels/Labels_dog_Train.txt").write_text("0\n1\n")
+    with pytest.raises(SourceError, match="Labels_dog_Train.txt: 2 rows"):
+        open_source("nuswide", str(tmp_path), split="train")
+
+
+def test_coco_zero_shot_split(tmp_path):
+    exp = make_coco(tmp_path)
+    src = open_source("coco", str(tmp_path))  # the only instances file -> split val2014
+    assert src.split == "val2014"
+    assert len(src.vocab) == 65 and src.vocab.unseen_mask.sum() == 17
+    assert set(src.vocab.names) == set(exp["seen"]) | set(exp["unseen"])
+    assert {n for n, s in zip(src.vocab.names, src.vocab.splits) if s == "unseen"} == set(exp["unseen"])
+    assert "fire hydrant" not in src.vocab.names
+    recs = _by_key(src)
+    assert sorted(recs) == [f"COCO_val2014_{i:012d}" for i in (10, 11, 12, 13)]
+    cid = exp["cid"]
+    lab = recs["COCO_val2014_000000000010"].labels
+    assert len(lab) == 65 and lab[str(cid["person"])] == 1 and lab[str(cid["cat"])] == 1
+    assert sum(v == 1 for v in lab.values()) == 2
+    assert set(recs["COCO_val2014_000000000011"].labels.values()) == {-1}  # only an out-of-split instance
+    assert recs["COCO_val2014_000000000012"].error[0] == "unknown_class"
+
+
+def test_folder_source_rows(tmp_path):
+    exp = make_folder(tmp_path / "src")
+    src = open_source("folder", str(tmp_path / "src"))
+    assert src.vocab.ids == ("cat", "dog", "bird") and src.vocab.splits[2] == "unseen"
+    recs = list(src.records)
+    assert len(recs) == exp["inputs"]
+    pre = {r.key: r.error[0] for r in recs if r.error}
+    assert pre == {"outside": "path_escapes_source", "img_g_unknown": "unknown_class"}
+
+
+def test_folder_without_classes_csv_and_bad_header(tmp_path):
+    make_folder(tmp_path / "src", with_classes=False)
+    src = open_source("folder", str(tmp_path / "src"))
+    assert src.vocab.ids == ("bird", "cat", "dog") and set(src.vocab.splits) == {"seen"}
+    (tmp_path / "src" / "labels.csv").write_text("file,tags\nx.jpg,a\n")
+    with pytest.raises(SourceError, match="header must be path,labels"):
+        open_source("folder", str(tmp_path / "src"))
