@@ -92,6 +92,12 @@ class OpenAIStub:
     def calls(self, path_prefix: str) -> int:
         return sum(1 for r in self.log if r["path"].startswith(path_prefix))
 
+    def batch_lines(self, target: str | None = None) -> int:
+        return sum(1 for r in self.log if r["path"] == "batch-line" and (target is None or r["target"] == target))
+
+    def chat_requests(self, target: str) -> list[dict]:
+        return [r for r in self.log if r["path"] == "/v1/chat/completions" and r["target"] == target]
+
     def reset_log(self) -> None:
         with self._lock:
             self.log.clear()
@@ -149,8 +155,9 @@ class OpenAIStub:
         try:
             if method == "POST" and path == "/v1/chat/completions":
                 body = json.loads(raw)
-                rec["target"] = target_and_candidates(body["messages"][-1]["content"])[0]
-                rec["top_p"] = body.get("top_p")
+                prompt = body["messages"][-1]["content"]
+                rec["target"], rec["candidates"] = target_and_candidates(prompt)
+                rec["prompt"], rec["top_p"], rec["model"] = prompt, body.get("top_p"), body.get("model")
                 with self._lock:
                     self.log.append(rec)
                 status, out, headers = self._chat_body(body)
@@ -203,6 +210,10 @@ class OpenAIStub:
             if not line.strip():
                 continue
             req = json.loads(line)
+            target, cands = target_and_candidates(req["body"]["messages"][-1]["content"])
+            with self._lock:
+                self.log.append({"method": "BATCH", "path": "batch-line", "target": target, "candidates": cands,
+                                 "custom_id": req["custom_id"], "top_p": req["body"].get("top_p"), "time": time.time()})
             status, body, _ = self._chat_body(req["body"])
             row = {"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": req["custom_id"],
                    "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}

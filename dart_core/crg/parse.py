@@ -71,6 +71,11 @@ class NameIndex:
             n = normalize(name)
             for key in (singular(n), _fe(singular(n))):
                 self.loose.setdefault(key, cid)
+        # "Bat (Animal)" may come back as just "bat": accept the bare name when no class owns it
+        for cid, name in zip(ids, names):
+            bare = normalize(re.sub(r"\s*\(.*?\)\s*$", "", name))
+            if bare and bare != normalize(name):
+                self.loose.setdefault(singular(bare), cid)
 
     def lookup(self, text: str) -> str | None:
         n = normalize(text)
@@ -151,14 +156,14 @@ def parse_answer(text: str | None, index: NameIndex, target_id: str) -> ParsedAn
             if a and "strength" in a.group(1).lower():
                 strength_text = a.group(2)
                 break
-        if not strong and strength_text is None:
-            continue  # a numbered line in prose (e.g. the model restating the five types)
         # a strength written on the header line: "1. natural (High)" / "natural - High"
         header_strength = re.search(r"[(\[\-–—:]\s*(high|medium|low)\s*[)\]]?\s*$", _clean_name(raw), re.IGNORECASE)
         if header_strength:
             raw = raw[: raw.lower().rfind(header_strength.group(1).lower())]
             raw = re.sub(r"[\s(\[\-–—:]+$", "", raw)
             strength_text = strength_text or header_strength.group(1)
+        if not strong and strength_text is None:
+            continue  # a numbered line in prose (e.g. the model restating the five types)
         any_entry = True
         cid = index.match(raw)
         if cid is None:
