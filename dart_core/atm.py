@@ -58,6 +58,29 @@ class ATM(nn.Module):
         computes W_txt·h_txt once per class instead of once per (image, class)."""
         return x_vis + self.fnn_out(self.act(self.fnn_vis(x_vis) + self.fnn_txt(h_txt)))
 
+    def multimodal_candidates(self, x_vis: torch.Tensor, h_txt: torch.Tensor, edge_index: torch.Tensor,
+                              cand: torch.Tensor) -> torch.Tensor:
+        """Fusion + MM-ATM restricted to each image's candidate classes `cand` (B, M): the CRG's
+        edges between two candidates of the same image are kept, the others dropped.
+
+        Bounds the (images x classes) graph at large vocabularies (7,586 classes): cost grows with
+        M, not C. Returns h_mm for the candidates only, (B, M, D)."""
+        B, C, D = x_vis.shape
+        M = cand.shape[1]
+        x_c = x_vis.gather(1, cand.unsqueeze(-1).expand(B, M, D))
+        x_mm = self.fuse(x_c, h_txt[cand])  # (B, M, D); h_txt[cand] is (B, M, D)
+        # local index of every class in its image's candidate list, -1 when not a candidate
+        local = torch.full((B, C), -1, dtype=torch.long, device=x_vis.device)
+        local.scatter_(1, cand, torch.arange(M, device=x_vis.device).expand(B, M))
+        src, dst = local[:, edge_index[0]], local[:, edge_index[1]]  # (B, E)
+        keep = (src >= 0) & (dst >= 0)
+        offsets = (torch.arange(B, device=x_vis.device) * M).view(B, 1)
+        batched = torch.stack([(src + offsets)[keep], (dst + offsets)[keep]])
+        h = x_mm.reshape(B * M, D)
+        for layer in self.mm_layers:
+            h = layer(h, batched)
+        return h.view(B, M, D)
+
     def multimodal(self, x_mm: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """MM-ATM over B copies of the class graph: (B, C, D) -> (B, C, D)."""
         B, C, D = x_mm.shape

@@ -37,6 +37,9 @@ class DARTConfig:
     use_atm: bool = True
     atm_layers: int = 2
     gat_heads: int = 4
+    # Inference only: run fusion + MM-ATM on each image's top-M classes by the pre-ATM score
+    # (0 = every class, exact). Bounds the cost at large vocabularies; see README / benchmark.
+    mm_candidates: int = 0
     # losses (Eq. 1, Eq. 4)
     use_wps: bool = True
     gamma_wps: float = 5.0
@@ -79,6 +82,7 @@ class DART(nn.Module):
         self.register_buffer("text", torch.zeros(0, D), persistent=False)
         self.register_buffer("edge_index", torch.zeros(2, 0, dtype=torch.long), persistent=False)
         self.class_names: list[str] = []
+        self.mm_candidates = cfg.mm_candidates
         self.to(device)
 
     # ---- vocabulary ---------------------------------------------------------
@@ -152,10 +156,20 @@ class DART(nn.Module):
         weights = torch.zeros(B, t.shape[0], P, device=x_ref_n.device, dtype=x_ref_n.dtype)
         weights.scatter_(2, topk, 1.0 / K)
         x_vis = F.normalize(torch.bmm(weights, x_ref_n), dim=-1) + g.unsqueeze(1)  # x_vis^(c), "sum"
-        if self.atm is not None:
+        M = self.mm_candidates if not self.training else 0
+        if self.atm is not None and 0 < M < t.shape[0]:
             h_txt = self.atm.text(t, self.edge_index)
-            h = self.atm.multimodal(self.atm.fuse(x_vis, h_txt), self.edge_index)
+            # classes outside an image's top-M keep their pre-ATM score s·cos(x_vis, t_c)
+            logits = s * torch.einsum("bcd,cd->bc", F.normalize(x_vis, dim=-1), t)
+            cand = logits.topk(M, dim=1).indices
+            h = self.atm.multimodal_candidates(x_vis, h_txt, self.edge_index, cand)
+            cand_logits = s * (F.normalize(h, dim=-1) * t[cand]).sum(-1)
+            logits = logits.scatter(1, cand, cand_logits)
         else:
-            h = x_vis
-        logits = s * torch.einsum("bcd,cd->bc", F.normalize(h, dim=-1), t)  # ŷ_c = s·cos(h^(c), t_c)
+            if self.atm is not None:
+                h_txt = self.atm.text(t, self.edge_index)
+                h = self.atm.multimodal(self.atm.fuse(x_vis, h_txt), self.edge_index)
+            else:
+                h = x_vis
+            logits = s * torch.einsum("bcd,cd->bc", F.normalize(h, dim=-1), t)  # ŷ_c = s·cos(h^(c), t_c)
         return DARTOutput(logits, patch_logits, prior, delta, topk, zero_shot)

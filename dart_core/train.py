@@ -161,3 +161,73 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
         save_checkpoint(out_dir / "model.pt", model, vocab, {"step": step, "train_config": asdict(cfg)})
     model.eval()
     return history
+
+
+class RepeatingBatches:
+    """Exactly `steps` batches per pass, drawn from an endless repetition of `data`.
+
+    A streaming reader splits shards across ranks and workers, so one pass can hold a different
+    number of batches on each rank; DDP needs every rank to take the same number of steps."""
+
+    def __init__(self, data: Iterable, steps: int):
+        self.data, self.steps, self._it = data, steps, None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            for attempt in range(2):
+                if self._it is None:
+                    self._it = iter(self.data)
+                try:
+                    yield next(self._it)
+                    break
+                except StopIteration:
+                    self._it = None
+                    if attempt:
+                        raise ValueError("the training data yielded no batch") from None
+
+
+def class_graph(vocab: Vocabulary, text: torch.Tensor, crg_path: str | Path | None, source: str = "file",
+                n_neighbors: int = 8, seed: int = 0):
+    """edge_index for the ATM: a CRG file, or the similarity / random ablations (Tab. 6)."""
+    from dart_core.crg.graph import CRG, random_crg, similarity_crg
+
+    if source == "file":
+        if crg_path is None:
+            raise ValueError("--crg is required with --crg-source file")
+        return CRG.read(crg_path).edge_index(vocab)
+    if source == "similarity":
+        return similarity_crg(vocab, text.cpu().numpy(), n_neighbors).edge_index(vocab)
+    if source == "random":
+        return random_crg(vocab, n_neighbors, seed).edge_index(vocab)
+    raise ValueError(f"unknown CRG source {source!r} (file, similarity, random)")
+
+
+def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, train_cfg: TrainConfig,
+                    n_samples: int, crg_path=None, crg_source: str = "file", device: str = "cpu",
+                    num_workers: int = 0, log=print) -> Path:
+    """`dart train`: DART on webdataset shards (seen classes only, as in OV-MLR training)."""
+    from dart_core.data.reader import make_loader
+    from dart_core.model import DART
+
+    rank, world = init_distributed()
+    model = DART(model_cfg, device=device)
+    # Train on the seen classes only: unseen classes must stay unseen (the ZSL protocol).
+    seen = vocab.subset("seen")
+    text = model.backbone.text_embeddings(list(seen.names))
+    model.set_classes(list(seen.names), class_graph(seen, text, crg_path, crg_source), text=text)
+    counts = model.parameter_counts()
+    if rank == 0:
+        log(f"DART on {model_cfg.backbone}/{model_cfg.pretrained}: {counts['trainable']:,} trainable of "
+            f"{counts['total']:,} parameters; {len(seen)} seen classes, {n_samples} samples")
+    steps = n_samples // (train_cfg.batch_size * world)
+    if steps < 1:
+        raise ValueError(f"{n_samples} samples are fewer than one global batch of "
+                         f"{train_cfg.batch_size * world}; lower --batch-size")
+    loader = make_loader(shards, seen, model.backbone.preprocess, train_cfg.batch_size, train=True,
+                         num_workers=num_workers, seed=train_cfg.seed)
+    fit(model, RepeatingBatches(loader, steps), seen, out_dir, train_cfg, steps_per_epoch=steps,
+        device=device, log=log)
+    return Path(out_dir) / "model.pt"

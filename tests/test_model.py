@@ -115,3 +115,35 @@ def test_new_classes_at_inference_without_retraining(tiny_model):
     assert torch.allclose(after[:, :C], before, atol=1e-5)
     with pytest.raises(ValueError, match="refers to class"):
         tiny_model.set_classes(["a", "b"], torch.tensor([[0, 5], [1, 1]]))
+
+
+def test_bounded_mm_atm_equals_exact_when_candidates_cover_all(tiny_model):
+    x, _ = fixed_batch(3)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    tiny_model.eval()
+    C = len(NAMES)
+    with torch.no_grad():
+        exact = tiny_model(x).logits
+        # the candidate path with every class as a candidate, in a scrambled order per image
+        t = tiny_model.text
+        h_txt = tiny_model.atm.text(t, tiny_model.edge_index)
+        out = tiny_model(x)
+        feats = tiny_model.backbone.forward_features(x, tiny_model.cfg.arm_layers)
+        x_ref = torch.nn.functional.normalize(feats.patch_features + tiny_model.arm(feats), dim=-1)
+        w = torch.zeros(3, C, x_ref.shape[1]).scatter_(2, out.topk, 1.0 / out.topk.shape[2])
+        g = torch.nn.functional.normalize(feats.global_feature, dim=-1)
+        x_vis = torch.nn.functional.normalize(torch.bmm(w, x_ref), dim=-1) + g.unsqueeze(1)
+        cand = torch.stack([torch.randperm(C) for _ in range(3)])
+        h = tiny_model.atm.multimodal_candidates(x_vis, h_txt, tiny_model.edge_index, cand)
+        scores = tiny_model.scale * (torch.nn.functional.normalize(h, dim=-1) * t[cand]).sum(-1)
+        assert torch.allclose(torch.zeros_like(exact).scatter(1, cand, scores), exact, atol=1e-4)
+        # with fewer candidates, the top candidates are rescored and the rest keep the pre-ATM score
+        tiny_model.mm_candidates = 3
+        bounded = tiny_model(x).logits
+        pre = tiny_model.scale * torch.einsum("bcd,cd->bc", torch.nn.functional.normalize(x_vis, dim=-1), t)
+        top = pre.topk(3, dim=1).indices
+        rest = torch.ones_like(pre, dtype=torch.bool).scatter(1, top, False)
+        assert torch.allclose(bounded[rest], pre[rest], atol=1e-5)

@@ -1,0 +1,43 @@
+"""Prefect flow `train`: DART on shards. The task receives paths and returns the checkpoint path."""
+from __future__ import annotations
+
+import json
+
+from prefect import flow, get_run_logger, task
+
+from flows import storage
+
+
+def count_samples(shards_root: str) -> int:
+    """ok samples over the complete shards, from their stats files (local or s3)."""
+    from dart_core.data.reader import list_shards
+
+    total = 0
+    for tar in list_shards(shards_root):
+        stats = json.loads(storage.read_bytes(tar[: -len(".tar")] + "_stats.json"))
+        total += int(stats["ok"])
+    return total
+
+
+@task(name="train-dart")
+def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
+               crg: str | None, crg_source: str, device: str, num_workers: int) -> str:
+    from dart_core.model import DARTConfig
+    from dart_core.train import TrainConfig, train_on_shards
+    from dart_core.vocab import Vocabulary
+
+    logger = get_run_logger()
+    vocab = Vocabulary.read_csv(classes_csv)
+    n = count_samples(shards)
+    ckpt = train_on_shards(shards, vocab, out_dir, DARTConfig(**model_cfg), TrainConfig(**train_cfg), n,
+                           crg_path=crg, crg_source=crg_source, device=device, num_workers=num_workers,
+                           log=logger.info)
+    return str(ckpt)
+
+
+@flow(name="train")
+def train_flow(shards: str, classes_csv: str, out_dir: str, model_cfg: dict | None = None,
+               train_cfg: dict | None = None, crg: str | None = None, crg_source: str = "file",
+               device: str = "cpu", num_workers: int = 0) -> str:
+    return train_task(shards, classes_csv, out_dir, model_cfg or {}, train_cfg or {}, crg, crg_source,
+                      device, num_workers)
