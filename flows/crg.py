@@ -203,7 +203,7 @@ def format_estimate(e: dict) -> str:
     how = f"mean of {e['counted']} sampled prompts x {e['classes']}" if e["sampled"] else f"all {e['classes']} prompts"
     return (f"prompt tokens, {mode}: {e['per_query_mean']:.0f}/query (max {e['per_query_max']}), "
             f"{e['total']:,} for {e['queries']} queries x {e['classes']} classes "
-            f"[{e['counter']}{'' if e['exact_counter'] else ', approximate'}; {how}]")
+            f"[{e['counter']}{'' if e['exact_counter'] else ' (' + (e.get('counter_note') or 'approximate') + ')'}; {how}]")
 
 
 def summary_lines(res: MineResult, crg) -> list[str]:

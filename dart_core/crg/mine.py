@@ -374,7 +374,7 @@ def estimate_prompt_tokens(vocab: Vocabulary, config: MiningConfig, counter: Tok
         counts.append(counter.count(build_messages(vocab.names[c], [vocab.names[j] for j in cands])[0]["content"]))
     per_query = float(np.mean(counts))
     return {"shortlist": S, "classes": C, "counted": len(rows), "sampled": len(rows) < C,
-            "counter": counter.name, "exact_counter": counter.exact,
+            "counter": counter.name, "exact_counter": counter.exact, "counter_note": counter.note,
             "per_query_mean": round(per_query, 1), "per_query_max": int(max(counts)),
             "total_one_query": int(round(per_query * C)),
             "total": int(round(per_query * C * config.queries)), "queries": config.queries}
