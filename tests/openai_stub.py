@@ -49,6 +49,9 @@ class OpenAIStub:
         self.retry_after = retry_after
         self.slow_s = slow_s
         self.batch_polls = batch_polls
+        self.delay = 0.0  # seconds every chat answer takes (to observe concurrency)
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.log: list[dict] = []
         self.served: dict[str, int] = {}  # target -> successful answers served
         self.files: dict[str, bytes] = {}
@@ -160,7 +163,14 @@ class OpenAIStub:
                 rec["prompt"], rec["top_p"], rec["model"] = prompt, body.get("top_p"), body.get("model")
                 with self._lock:
                     self.log.append(rec)
-                status, out, headers = self._chat_body(body)
+                    self.in_flight += 1
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    time.sleep(self.delay)
+                    status, out, headers = self._chat_body(body)
+                finally:
+                    with self._lock:
+                        self.in_flight -= 1
                 if out is None:
                     return self._send(h, 200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess', {})
                 return self._send(h, status, json.dumps(out).encode(), headers)

@@ -118,13 +118,16 @@ def test_retries_honour_retry_after_and_count(tmp_path):
     with OpenAIStub(retry_after="1", slow_s=2.0) as stub:
         script(stub)
         stub.faults["car"] = ["429", "500", "slow"]
+        stub.faults["road"] = ["badjson"]
         c = client(stub, timeout=0.8)
         crg = mine_llm(vocab(), cfg(), c, LocalCache(tmp_path / "cache"))
         check_expected(crg)
         car = stub.chat_requests("car")
         assert len(car) == 3 + 3  # three queries, three retries
-        assert c.stats.retries == 3 and c.stats.retry_reasons == {"429": 1, "500": 1, "timeout": 1}
-        assert c.stats.requests == 33 and c.stats.failures == 0
+        assert len(stub.chat_requests("road")) == 3 + 1
+        assert c.stats.retries == 4
+        assert c.stats.retry_reasons == {"429": 1, "500": 1, "timeout": 1, "bad-response": 1}
+        assert c.stats.requests == 34 and c.stats.failures == 0
         # the retry after the 429 waited for Retry-After (1 s), the one after the 500 only the tiny backoff
         assert car[1]["time"] - car[0]["time"] >= 1.0
         assert car[2]["time"] - car[1]["time"] < 0.5
@@ -256,3 +259,12 @@ def test_batch_with_shortlist_runs_one_round_per_query(tmp_path):
         online = mine_llm(vocab(), cfg(shortlist=3), c, LocalCache(tmp_path / "c"), embed_fn=hashed_embed)
         assert stub.chat_calls() == 0  # same prompts: the batch answers serve the online run
         assert online.neighbors == crg.neighbors
+
+
+def test_concurrency_is_bounded(tmp_path):
+    with OpenAIStub() as stub:
+        script(stub)
+        stub.delay = 0.05
+        crg = mine_llm(vocab(), cfg(concurrency=3), client(stub), LocalCache(tmp_path / "c"))
+        assert stub.max_in_flight == 3 and stub.chat_calls() == 30
+        check_expected(crg)

@@ -2,7 +2,7 @@
 
 We talk to OpenAI or any OpenAI-compatible endpoint through the official `openai` client, with the
 client's own retries switched off (max_retries=0) so that one policy, ours, decides and counts:
-  - retried: 429, 408, 409, any 5xx, timeouts and connection errors;
+  - retried: 429, 408, 409, any 5xx, timeouts, connection errors and garbled (non-JSON) bodies;
   - wait = max(Retry-After (or retry-after-ms) when the server sends one,
                exponential backoff base * 2^attempt with "equal jitter" (half fixed, half random),
                capped at max_delay);
@@ -112,8 +112,11 @@ class LLMClient:
         while True:
             try:
                 return fn()
-            except (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError) as e:
-                if isinstance(e, openai.APITimeoutError):
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError,
+                    openai.APIResponseValidationError, json.JSONDecodeError) as e:
+                if isinstance(e, (openai.APIResponseValidationError, json.JSONDecodeError)):
+                    reason, headers = "bad-response", None  # a truncated/garbled body: a proxy hiccup, ask again
+                elif isinstance(e, openai.APITimeoutError):
                     reason, headers = "timeout", None
                 elif isinstance(e, openai.APIConnectionError):
                     reason, headers = "connection", None
