@@ -9,7 +9,7 @@ from dart_core.crg.graph import CRG
 from dart_core.vocab import Vocabulary
 from flows.cli import app
 from tests.openai_stub import OpenAIStub, answer
-from tests.test_crg_mine import EXPECTED, KEY, SEEN, UNSEEN, script, vocab
+from tests.test_crg_mine import EXPECTED, KEY, SEEN, script, vocab
 
 runner = CliRunner()
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
-import pytest
 
 from dart_core.crg.cache import LocalCache
 from dart_core.crg.client import LLMClient, RetryPolicy

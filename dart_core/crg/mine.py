@@ -29,7 +29,7 @@ import numpy as np
 from dart_core.crg.cache import AnswerCache, MemoryCache, cache_key
 from dart_core.crg.client import Completion, LLMClient, LLMError
 from dart_core.crg.embed import top_k_similar
-from dart_core.crg.graph import CRG, CRGError, random_crg, similarity_crg
+from dart_core.crg.graph import CRG, random_crg, similarity_crg
 from dart_core.crg.parse import NameIndex, ParsedAnswer, parse_answer
 from dart_core.crg.prompt import PROMPT_VERSION, build_messages, prompt_hash
 from dart_core.crg.tokens import TokenCounter
