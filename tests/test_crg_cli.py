@@ -100,3 +100,21 @@ def test_tokens_command_prints_both_modes(tmp_path):
     assert lines[0].startswith("prompt tokens, shortlist 3: ") and "approx:cl100k-pieces" in lines[0]
     assert lines[1].startswith("prompt tokens, full list (--shortlist 0): ")
     assert "for 3 queries x 10 classes" in lines[1] and "all 10 prompts" in lines[1]
+
+
+def test_similarity_through_the_real_frozen_backbone(tmp_path, monkeypatch):
+    # the CLIP wiring of --backbone/--pretrained, on a tiny random-weight open_clip checkpoint
+    from tests.model_fixtures import TINY, make_clip_checkpoint
+
+    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    ckpt = make_clip_checkpoint(tmp_path / "tiny.pt", seed=0)
+    classes, out = write_classes(tmp_path), tmp_path / "crg.json"
+    r = runner.invoke(app, ["crg", "mine", "--classes", str(classes), "--out", str(out), "--source", "similarity",
+                            "--backbone", TINY, "--pretrained", str(ckpt), "--neighbors", "2"])
+    assert r.exit_code == 0, r.output
+    crg = CRG.read(out)
+    assert crg.meta["embedder"] == f"{TINY}/{ckpt}" and all(len(n) == 2 for n in crg.neighbors.values())
+    r = runner.invoke(app, ["crg", "mine", "--classes", str(classes), "--out", str(out), "--source", "similarity",
+                            "--backbone", "no-such-model"])
+    assert r.exit_code == 2 and "unknown open_clip model 'no-such-model'" in r.output
