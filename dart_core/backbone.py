@@ -37,6 +37,20 @@ def register_model_configs(extra_dir: str | Path | None = None) -> None:
         open_clip.add_model_config(Path(extra_dir))
 
 
+def patch_grid(model_name: str) -> tuple[int, int]:
+    """The patch grid (rows, cols) of an open_clip ViT config, without building the model."""
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise BackboneError(f"unknown open_clip model {model_name!r}")
+    v = cfg["vision_cfg"]
+    size, patch = v.get("image_size", 224), v.get("patch_size", 16)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return size[0] // patch, size[1] // patch
+
+
 @dataclass
 class VisionFeatures:
     block_inputs: list[torch.Tensor]  # x_orig^{l-1} for the last n blocks, (B, 1+P, width) each

@@ -1,0 +1,315 @@
+"""Bulk inference: tag every sample of a shard and write the prediction tables of DESIGN.md.
+
+Per shard `S` (read whole, in order, by one DataLoader worker so decoding overlaps compute):
+    PRED/scores/shard=S/part.parquet   image_id, scores list<float16> (vocabulary order)
+    PRED/tags/shard=S/part.parquet     image_id, class_id, class_name, score, rank, unseen,
+                                       above_threshold, patches list<int16>, patch_scores list<float16>
+    PRED/labels/shard=S/part.parquet   image_id, class_id, label int8 (the known ±1 labels)
+    PRED/errors/shard=S/part.parquet   image_id, error (samples that could not be decoded)
+    PRED/_done/S.json                  written last: the shard is finished
+All files of a shard are staged under PRED/_staging/S and renamed into place, then the done
+marker is written; a rerun skips finished shards and redoes the others from scratch, so after any
+crash/rerun sequence every sample has exactly one `scores/` row.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dart_core.vocab import Vocabulary
+
+TABLES = ("scores", "tags", "labels", "errors")
+
+SCHEMAS = {
+    "scores": pa.schema([("image_id", pa.string()), ("scores", pa.list_(pa.float16()))]),
+    "tags": pa.schema([("image_id", pa.string()), ("class_id", pa.string()), ("class_name", pa.string()),
+                       ("score", pa.float32()), ("rank", pa.int16()), ("unseen", pa.bool_()),
+                       ("above_threshold", pa.bool_()), ("patches", pa.list_(pa.int16())),
+                       ("patch_scores", pa.list_(pa.float16()))]),
+    "labels": pa.schema([("image_id", pa.string()), ("class_id", pa.string()), ("label", pa.int8())]),
+    "errors": pa.schema([("image_id", pa.string()), ("error", pa.string())]),
+}
+
+
+class AnnotateError(ValueError):
+    """The run cannot proceed (missing shard, output holding another run, ...); names the item."""
+
+
+@dataclass
+class AnnotateConfig:
+    top_m: int = 10  # tags per image (plus every class above its threshold)
+    batch_size: int = 64
+    num_workers: int = 1  # decoding runs in this many DataLoader workers, beside the model
+    device: str = "cpu"
+
+
+def shard_id(url: str) -> str:
+    """Partition value for a shard URL: `<parent>-<stem>` (e.g. `val-000003`), unique across splits."""
+    parts = str(url).rstrip("/").split("/")
+    stem = parts[-1].rsplit(".", 1)[0]
+    return f"{parts[-2]}-{stem}" if len(parts) > 1 and parts[-2] else stem
+
+
+# ---- reading a shard, tolerating bad samples ----------------------------------------------------
+
+class _Decode:
+    """webdataset sample -> (image tensor | None, labels int8, key, error | None). Never raises: a
+    corrupt sample becomes an error row and the shard goes on."""
+
+    def __init__(self, vocab: Vocabulary, preprocess):
+        self.index = {cid: i for i, cid in enumerate(vocab.ids)}
+        self.n = len(vocab)
+        self.preprocess = preprocess
+
+    def __call__(self, sample: dict):
+        from PIL import Image
+
+        from dart_core.data.reader import labels_tensor
+
+        key = sample.get("__key__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            labels = labels_tensor(meta, self.index, self.n)
+        except Exception as e:  # noqa: BLE001 — recorded, not raised
+            return None, torch.zeros(self.n, dtype=torch.int8), key, f"bad json: {type(e).__name__}: {e}"
+        if "jpg" not in sample:
+            return None, labels, key, "sample has no jpg member"
+        try:
+            with Image.open(io.BytesIO(sample["jpg"])) as im:
+                img = self.preprocess(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            return None, labels, key, f"undecodable image: {type(e).__name__}: {e}"
+        return img, labels, key, None
+
+
+def _collate(batch):
+    return batch  # decoded per sample in the worker; the model step stacks the good ones
+
+
+def shard_batches(url: str, vocab: Vocabulary, preprocess, batch_size: int, num_workers: int):
+    """Batches of decoded samples of ONE shard, in order; decoding in `num_workers` workers."""
+    import webdataset as wds
+
+    from dart_core.data.reader import to_wds_url
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([to_wds_url(url)]),
+        wds.tarfile_to_samples(),
+        wds.map(_Decode(vocab, preprocess)),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
+    if num_workers <= 0:
+        return pipeline
+    # one shard -> only one worker can read it: more would idle, so cap at 1 (overlap, not split)
+    # forkserver: shard tasks run in threads, and fork() from a threaded process can deadlock
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=4,
+                                       multiprocessing_context="forkserver")
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+def _write_table(rows: dict[str, list], name: str, path: Path) -> int:
+    table = pa.Table.from_pydict(rows, schema=SCHEMAS[name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return table.num_rows
+
+
+def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg: AnnotateConfig,
+                   thresholds: np.ndarray | None = None) -> dict:
+    """Score one shard and publish its four tables atomically. Returns the shard's stats."""
+    pred_dir = Path(pred_dir)
+    sid = shard_id(url)
+    done = pred_dir / "_done" / f"{sid}.json"
+    if done.exists():
+        return json.loads(done.read_text()) | {"skipped": True}
+    t0 = time.time()
+    stage = pred_dir / "_staging" / sid
+    shutil.rmtree(stage, ignore_errors=True)
+    rows = {name: {f: [] for f in SCHEMAS[name].names} for name in TABLES}
+    unseen = vocab.unseen_mask
+    ids, names = vocab.ids, vocab.names
+    C = len(vocab)
+    M = min(cfg.top_m, C)
+    device = torch.device(cfg.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    n_ok = 0
+    for batch in shard_batches(url, vocab, model.backbone.preprocess, cfg.batch_size, cfg.num_workers):
+        good = [b for b in batch if b[3] is None]
+        for _, _, key, err in batch:
+            if err is not None:
+                rows["errors"]["image_id"].append(key)
+                rows["errors"]["error"].append(err)
+        if not good:
+            continue
+        images = torch.stack([g[0] for g in good]).to(device, non_blocking=True)
+        with torch.inference_mode(), autocast:
+            out = model(images, with_priors=False)
+        scores = out.logits.float().cpu().numpy()
+        patch_logits = out.patch_logits.float().cpu()
+        topk = out.topk.cpu()  # (B, C, K)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        for b, (_, labels, key, _) in enumerate(good):
+            n_ok += 1
+            rows["scores"]["image_id"].append(key)
+            rows["scores"]["scores"].append(scores[b].astype(np.float16))
+            lab = labels.numpy()
+            for c in np.flatnonzero(lab):
+                rows["labels"]["image_id"].append(key)
+                rows["labels"]["class_id"].append(ids[c])
+                rows["labels"]["label"].append(int(lab[c]))
+            chosen = list(order[b, :M])
+            if thresholds is not None:  # ... and every class above its threshold, best first
+                above = scores[b] >= np.nan_to_num(thresholds, nan=np.inf)
+                chosen += [c for c in order[b, M:] if above[c]]
+            ranks = np.empty(C, dtype=np.int64)
+            ranks[order[b]] = np.arange(1, C + 1)
+            for c in chosen:
+                p = topk[b, c]
+                t = rows["tags"]
+                t["image_id"].append(key)
+                t["class_id"].append(ids[c])
+                t["class_name"].append(names[c])
+                t["score"].append(float(scores[b, c]))
+                t["rank"].append(int(ranks[c]))
+                t["unseen"].append(bool(unseen[c]))
+                t["above_threshold"].append(None if thresholds is None or np.isnan(thresholds[c])
+                                            else bool(scores[b, c] >= thresholds[c]))
+                t["patches"].append(p.numpy().astype(np.int16))
+                t["patch_scores"].append(patch_logits[b, p, c].numpy().astype(np.float16))
+    counts = {name: _write_table(rows[name], name, stage / name / "part.parquet") for name in TABLES}
+    for name in TABLES:  # publish: rename each staged file into its partition
+        final = pred_dir / name / f"shard={sid}" / "part.parquet"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        (stage / name / "part.parquet").replace(final)
+    stats = {"shard": sid, "url": str(url), "images": n_ok, "errors": counts["errors"], "tags": counts["tags"],
+             "seconds": round(time.time() - t0, 3)}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(done)  # last: the shard is finished
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.parent.rmdir()  # _staging/ goes when the last shard in flight is done
+    except OSError:
+        pass
+    return stats
+
+
+# ---- run-level files ----------------------------------------------------------------------------
+
+def vocab_table(vocab: Vocabulary, thresholds: np.ndarray | None) -> pa.Table:
+    return pa.table({
+        "class_index": pa.array(range(len(vocab)), pa.int32()),
+        "class_id": list(vocab.ids), "class_name": list(vocab.names), "split": list(vocab.splits),
+        "unseen": pa.array(vocab.unseen_mask),
+        "threshold": pa.array(thresholds if thresholds is not None else [None] * len(vocab), pa.float32()),
+    })
+
+
+def prepare_output(pred_dir: str | Path, run_meta: dict, vocab: Vocabulary, thresholds: np.ndarray | None,
+                   mode: str = "new") -> None:
+    """Claim PRED for this run. mode: new (refuse a folder holding another run's predictions),
+    append (same run identity: continue / add shards), overwrite (delete what is there)."""
+    pred_dir = Path(pred_dir)
+    run_file = pred_dir / "run.json"
+    identity = {k: run_meta[k] for k in ("checkpoint_hash", "vocab_hash", "crg_hash")}
+    if run_file.exists():
+        old = json.loads(run_file.read_text())
+        same = {k: old.get(k) for k in identity} == identity
+        if mode == "overwrite":
+            for name in (*TABLES, "vocab", "_done", "_staging"):
+                shutil.rmtree(pred_dir / name, ignore_errors=True)
+            run_file.unlink()
+        elif not same and mode != "append":
+            raise AnnotateError(f"{pred_dir} holds predictions of another run (checkpoint {old.get('checkpoint_hash')}, "
+                                f"vocabulary {old.get('vocab_hash')}); pass --mode overwrite or use another --out")
+        elif not same and mode == "append":
+            raise AnnotateError(f"{pred_dir}: cannot append predictions of checkpoint {identity['checkpoint_hash']} / "
+                                f"vocabulary {identity['vocab_hash']} to a run of {old.get('checkpoint_hash')} / "
+                                f"{old.get('vocab_hash')}: the tables would mix two models")
+    elif pred_dir.exists() and any(p.name in TABLES for p in pred_dir.iterdir()) and mode != "overwrite":
+        raise AnnotateError(f"{pred_dir} already holds prediction tables but no run.json; use --mode overwrite")
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    (pred_dir / "vocab").mkdir(exist_ok=True)
+    pq.write_table(vocab_table(vocab, thresholds), pred_dir / "vocab" / "vocab.parquet")
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run_meta, indent=1))
+    tmp.replace(run_file)
+
+
+def file_hash(path: str | Path | None) -> str | None:
+    import hashlib
+
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---- thresholds -------------------------------------------------------------------------------------
+
+def calibrate_thresholds(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the score threshold maximising F1 on a labelled split (unknown labels ignored).
+
+    Returns (thresholds, best F1); NaN for a class without a positive. The threshold is the score of
+    the last positive kept, so `score >= threshold` reproduces the best F1 exactly."""
+    N, C = scores.shape
+    th = np.full(C, np.nan)
+    best = np.full(C, np.nan)
+    for c in range(C):
+        known = labels[:, c] != 0
+        s, y = scores[known, c], labels[known, c] == 1
+        n_pos = int(y.sum())
+        if n_pos == 0:
+            continue
+        order = np.argsort(-s, kind="stable")
+        s_sorted, hits = s[order], y[order]
+        tp = np.cumsum(hits)
+        k = np.arange(1, len(s) + 1)
+        # cut only where the next score differs (a threshold cannot split tied scores)
+        cut = np.r_[s_sorted[1:] != s_sorted[:-1], True]
+        f1 = np.where(cut, 2 * tp / (k + n_pos), -1.0)
+        i = int(np.argmax(f1))
+        th[c], best[c] = s_sorted[i], f1[i]
+    return th, best
+
+
+def read_thresholds(path: str | Path, vocab: Vocabulary) -> np.ndarray:
+    """thresholds.csv (class_id,threshold[,f1]) -> (C,) array aligned with `vocab` (NaN where absent)."""
+    import csv
+
+    th = np.full(len(vocab), np.nan)
+    index = {cid: i for i, cid in enumerate(vocab.ids)}
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.DictReader(f), start=2):
+            cid = row.get("class_id", "")
+            if cid not in index:
+                continue  # a class of another vocabulary version: not used here
+            try:
+                th[index[cid]] = float(row["threshold"]) if row["threshold"] not in ("", "nan") else np.nan
+            except (KeyError, ValueError):
+                raise AnnotateError(f"{path} line {lineno}: threshold {row.get('threshold')!r} is not a number") from None
+    return th
+
+
+def read_shard_image(url: str, key: str) -> bytes:
+    """The jpg bytes of one sample of a local shard (for the audit report's thumbnails)."""
+    with tarfile.open(url) as tar:
+        for m in tar:
+            if m.name == f"{key}.jpg":
+                return tar.extractfile(m).read()
+    raise KeyError(f"{key} not in {url}")

@@ -1,0 +1,195 @@
+"""Prefect flow `annotate`: tag every sample of every shard with a trained DART checkpoint.
+
+One task per shard (the shard is read whole by that task), on a task runner chosen by a
+parameter: `threads` (default, ThreadPoolTaskRunner), `dask` (prefect-dask: a LocalCluster, or any
+`distributed` scheduler given by `dask_address`), `ray` (prefect-ray, when installed). Tasks get
+paths and return small stats dicts; the model is loaded once per worker process and reused.
+
+GPU placement: run one task per GPU — a Dask cluster with one single-threaded worker per GPU
+(`dask-cuda`'s LocalCUDACluster, or `dask worker --nthreads 1` with CUDA_VISIBLE_DEVICES set per
+worker) and `device=cuda`; each worker then holds one model on its own GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from flows import storage
+
+_models: dict = {}
+_models_lock = threading.Lock()
+
+
+def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, device: str, mm_candidates: int):
+    """(model, vocab) for this process, loaded once per (checkpoint, vocabulary, CRG, device)."""
+    from dart_core.checkpoint import check_vocabulary, load_model, read_checkpoint
+    from dart_core.crg.graph import CRG
+    from dart_core.vocab import Vocabulary
+
+    key = (checkpoint, classes_csv, crg, device, mm_candidates)
+    with _models_lock:
+        if key not in _models:
+            vocab = Vocabulary.read_csv(classes_csv)
+            doc = read_checkpoint(checkpoint)
+            check_vocabulary(doc, vocab, checkpoint)
+            model, _ = load_model(checkpoint, device=device, doc=doc)
+            edges = CRG.read(crg).edge_index(vocab) if crg else None
+            model.set_classes(list(vocab.names), edges)
+            model.mm_candidates = mm_candidates
+            model.eval()
+            _models[key] = (model, vocab)
+        return _models[key]
+
+
+@task(name="annotate-shard", retries=1, retry_delay_seconds=2)
+def annotate_shard_task(checkpoint: str, classes_csv: str, crg: str | None, shard_url: str, pred_dir: str,
+                        cfg: dict, thresholds_csv: str | None, mm_candidates: int) -> dict:
+    from dart_core.infer import AnnotateConfig, annotate_shard, read_thresholds
+
+    model, vocab = load_for_annotation(checkpoint, classes_csv, crg, cfg.get("device", "cpu"), mm_candidates)
+    th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
+    return annotate_shard(model, vocab, shard_url, pred_dir, AnnotateConfig(**cfg), th)
+
+
+def make_task_runner(kind: str, dask_address: str | None = None, workers: int | None = None):
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers or 2)
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ValueError("--task-runner ray needs the prefect-ray package (pip install prefect-ray)") from None
+        return RayTaskRunner(address=dask_address) if dask_address else RayTaskRunner()
+    raise ValueError(f"unknown task runner {kind!r} (threads, dask, ray)")
+
+
+@flow(name="annotate-shards")
+def _annotate_shards(checkpoint, classes_csv, crg, shards, pred_dir, cfg, thresholds_csv, mm_candidates) -> list:
+    from prefect import unmapped
+
+    futures = annotate_shard_task.map(unmapped(checkpoint), unmapped(classes_csv), unmapped(crg), shards,
+                                      unmapped(pred_dir), unmapped(cfg), unmapped(thresholds_csv),
+                                      unmapped(mm_candidates))
+    return [f.result() for f in futures]
+
+
+def resolve_shards(shards: str | list[str]) -> list[str]:
+    """A folder / s3 prefix of shards (all complete ones below it, one level of split folders
+    included) or an explicit list; a named shard that does not exist is an error."""
+    from dart_core.data.reader import list_shards
+    from dart_core.infer import AnnotateError
+
+    if isinstance(shards, (list, tuple)):
+        for s in shards:
+            if not storage.exists(s):
+                raise AnnotateError(f"shard {s} does not exist")
+        return list(shards)
+    if str(shards).endswith(".tar"):
+        if not storage.exists(shards):
+            raise AnnotateError(f"shard {shards} does not exist")
+        return [shards]
+    found = list_shards(shards)
+    if not found and not storage.is_s3(shards) and Path(shards).is_dir():
+        for sub in sorted(p for p in Path(shards).iterdir() if p.is_dir()):
+            found += list_shards(str(sub))
+    if not found:
+        raise AnnotateError(f"no complete shards under {shards}")
+    return found
+
+
+def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: str, pretrained: str | None,
+                           log) -> str:
+    """Vocabulary classes the CRG does not know get edges: mined incrementally from the LLM when an
+    endpoint is configured (the CRG task, which only asks about new classes), else by text
+    similarity for the new classes only. Returns the CRG path to use (a copy under PRED)."""
+    from dart_core.crg.graph import CRG, similarity_crg
+    from dart_core.vocab import Vocabulary
+
+    vocab = Vocabulary.read_csv(classes_csv)
+    old = CRG.read(crg)
+    known = set(old.class_ids)
+    new = [cid for cid in vocab.ids if cid not in known]
+    if not new:
+        return crg
+    out = str(Path(pred_dir) / "crg.json")
+    Path(pred_dir).mkdir(parents=True, exist_ok=True)
+    from flows.crg import MineOptions, endpoint_configured, resolve_api_key, run_mining
+
+    if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)):
+        old.write(out)
+        log(f"{len(new)} new classes: mining their CRG edges from the LLM (incremental)")
+        run_mining(MineOptions(classes=classes_csv, out=out, source="llm", backbone=backbone,
+                               pretrained=pretrained or "openai", estimate=False), log=log)
+        return out
+    log(f"{len(new)} new classes and no LLM endpoint configured: their CRG edges come from text similarity")
+    from dart_core.backbone import FrozenBackbone
+
+    text = FrozenBackbone(backbone, pretrained).text_embeddings(list(vocab.names)).numpy()
+    sim = similarity_crg(vocab, text, int(old.meta.get("n_neighbors", 8)))
+    index = {cid: i for i, cid in enumerate(vocab.ids)}
+    neighbors = {cid: nb for cid, nb in old.neighbors.items() if cid in index}
+    neighbors.update({cid: sim.neighbors[cid] for cid in new})
+    merged = CRG(list(vocab.ids), list(vocab.names), neighbors, old.source,
+                 meta={**old.meta, "added_by_similarity": new})
+    merged.write(out)
+    return out
+
+
+@flow(name="annotate")
+def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg: str | None = None,
+                  task_runner: str = "threads", dask_address: str | None = None, workers: int | None = None,
+                  batch_size: int = 64, top_m: int = 10, device: str = "cpu", mode: str = "new",
+                  thresholds_csv: str | None = None, mm_candidates: int = 0, num_workers: int = 1) -> dict:
+    """Score every shard; returns {"shards": n, "images": n, "errors": n, "skipped": n}."""
+    from dart_core import __version__
+    from dart_core.backbone import patch_grid
+    from dart_core.checkpoint import check_vocabulary, read_checkpoint
+    from dart_core.infer import file_hash, prepare_output
+    from dart_core.vocab import Vocabulary
+
+    logger = get_run_logger()
+    vocab = Vocabulary.read_csv(classes_csv)
+    doc = read_checkpoint(checkpoint)
+    check_vocabulary(doc, vocab, checkpoint)
+    shard_list = resolve_shards(shards)
+    if crg:
+        crg = add_new_classes_to_crg(crg, classes_csv, out, doc["backbone"]["name"], doc["backbone"]["pretrained"],
+                                     logger.info)
+    if thresholds_csv is None and Path(classes_csv).with_name("thresholds.csv").exists():
+        thresholds_csv = str(Path(classes_csv).with_name("thresholds.csv"))
+    from dart_core.infer import read_thresholds
+
+    th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
+    meta = {"model": f"DART on {doc['backbone']['name']}/{doc['backbone']['pretrained']}",
+            "checkpoint": str(checkpoint), "checkpoint_hash": file_hash(checkpoint),
+            "crg": crg, "crg_hash": file_hash(crg), "vocab_hash": vocab.hash(), "classes": len(vocab),
+            "unseen_classes": int(vocab.unseen_mask.sum()), "trained_classes": len(doc["vocab"]["ids"]),
+            "code_version": __version__, "shards_root": str(shards), "shards": shard_list,
+            "thresholds": thresholds_csv, "top_m": top_m, "mm_candidates": mm_candidates,
+            "grid": list(patch_grid(doc["backbone"]["name"]))}
+    prepare_output(out, meta, vocab, th, mode)
+    cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers}
+    runner = make_task_runner(task_runner, dask_address, workers)
+    logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
+    stats = _annotate_shards.with_options(task_runner=runner)(
+        str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)
+    summary = {"shards": len(stats), "images": sum(s["images"] for s in stats),
+               "errors": sum(s["errors"] for s in stats), "skipped": sum(1 for s in stats if s.get("skipped")),
+               "out": str(out)}
+    Path(out, "summary.json").write_text(json.dumps({"summary": summary, "shards": stats}, indent=1))
+    logger.info(f"annotated {summary}")
+    return summary

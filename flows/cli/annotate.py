@@ -1,0 +1,127 @@
+"""`dart annotate`, `dart eval`, `dart audit`, `dart calibrate`."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from flows.cli._app import app
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors():
+    from dart_core.backbone import BackboneError
+    from dart_core.checkpoint import CheckpointError
+    from dart_core.crg.graph import CRGError
+    from dart_core.evaluate import PredictionsError
+    from dart_core.infer import AnnotateError
+    from dart_core.vocab import VocabularyError
+
+    return (AnnotateError, CheckpointError, VocabularyError, CRGError, BackboneError, PredictionsError,
+            FileNotFoundError, ValueError)
+
+
+@app.command()
+def annotate(
+    checkpoint: str = typer.Option(..., help="model.pt from `dart train`."),
+    shards: str = typer.Option(..., help="Shard folder (split subfolders included) or a .tar."),
+    classes: str = typer.Option(..., help="classes.csv: may add classes never trained on."),
+    out: str = typer.Option(..., help="Prediction folder (scores/, tags/, labels/, errors/, vocab/, run.json)."),
+    crg: Optional[str] = typer.Option(None, help="crg.json; classes it lacks get edges (LLM if configured, else similarity)."),
+    task_runner: str = typer.Option("threads", help="threads | dask | ray"),
+    dask_address: Optional[str] = typer.Option(None, help="Scheduler address for dask/ray (default: a local cluster)."),
+    workers: Optional[int] = typer.Option(None, help="Parallel shard tasks (threads / local cluster workers)."),
+    batch_size: int = typer.Option(64),
+    top_m: int = typer.Option(10, help="Tags written per image (plus every class above its threshold)."),
+    device: str = typer.Option("cpu"),
+    mode: str = typer.Option("new", help="new | append | overwrite, when OUT already holds predictions."),
+    thresholds: Optional[str] = typer.Option(None, help="thresholds.csv (default: beside classes.csv if present)."),
+    mm_candidates: int = typer.Option(0, help="Bound the MM-ATM to each image's top-M classes (0 = all)."),
+) -> None:
+    """Tag every image of the shards with DART and write the prediction tables."""
+    from flows.annotate import annotate_flow
+
+    try:
+        s = annotate_flow(checkpoint, shards, classes, out, crg, task_runner, dask_address, workers, batch_size,
+                          top_m, device, mode, thresholds, mm_candidates)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"annotated {s['images']} images in {s['shards']} shards ({s['skipped']} already done, "
+               f"{s['errors']} unreadable samples in errors/) -> {s['out']}")
+
+
+@app.command(name="eval")
+def eval_(
+    pred: str = typer.Argument(..., help="Prediction folder."),
+    k: List[int] = typer.Option([3, 5], "--k", help="K for P/R/F1@K (repeat: --k 3 --k 5)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON (+ CSV beside it)."),
+    legacy: bool = typer.Option(False, help="Count classes without positives as AP 0 (older papers)."),
+) -> None:
+    """ZSL / GZSL mAP and P/R/F1@K (percent) from the prediction tables, in SQL."""
+    from dart_core.evaluate import evaluate, format_table
+    from flows.evaluate import write_eval
+
+    try:
+        res = evaluate(pred, k, legacy)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(format_table(res, k))
+    if json_out:
+        write_eval(res, json_out)
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def audit(
+    pred: str = typer.Argument(..., help="Prediction folder."),
+    out: str = typer.Option(..., help="Report folder (index.html + thumbnails)."),
+    top: int = typer.Option(3, help="A class is 'predicted' when in the image's top-TOP."),
+    limit: int = typer.Option(50, help="Rows per list."),
+) -> None:
+    """Write a static HTML report of the labels that look wrong or missing."""
+    from flows.evaluate import audit_flow
+
+    try:
+        page = audit_flow(pred, out, top, limit)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"report: {page}")
+
+
+@app.command()
+def calibrate(
+    pred: str = typer.Argument(..., help="Predictions on a labelled split."),
+    out: str = typer.Option(..., help="thresholds.csv to write (put it beside classes.csv to use it by default)."),
+) -> None:
+    """Per-class decision thresholds maximising each class's F1 on a labelled split."""
+    import csv
+
+    import numpy as np
+
+    from dart_core.evaluate import connect
+    from dart_core.infer import calibrate_thresholds
+
+    try:
+        con = connect(pred)
+    except _user_errors() as e:
+        _fail(str(e))
+    ids = [r[0] for r in con.execute("SELECT class_id FROM vocab ORDER BY class_index").fetchall()]
+    rows = con.execute("SELECT shard, image_id, scores FROM scores ORDER BY shard, image_id").fetchall()
+    S = np.array([r[2] for r in rows], dtype=np.float64)
+    index = {(r[0], r[1]): i for i, r in enumerate(rows)}
+    col = {cid: j for j, cid in enumerate(ids)}
+    Y = np.zeros_like(S, dtype=np.int8)
+    for shard, image_id, cid, label in con.execute("SELECT shard, image_id, class_id, label FROM labels").fetchall():
+        if (shard, image_id) in index and cid in col:
+            Y[index[(shard, image_id)], col[cid]] = label
+    th, f1 = calibrate_thresholds(S, Y)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class_id", "threshold", "f1"])
+        for cid, t, b in zip(ids, th, f1):
+            w.writerow([cid, "" if np.isnan(t) else f"{t:.6g}", "" if np.isnan(b) else f"{b:.4f}"])
+    typer.echo(f"thresholds for {int((~np.isnan(th)).sum())} of {len(ids)} classes -> {out}")

@@ -1,0 +1,63 @@
+"""Prefect flows `evaluate` and `audit` over a prediction folder (the SQL lives in sql/)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+
+@flow(name="evaluate")
+def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None = None, legacy: bool = False) -> dict:
+    from dart_core.evaluate import evaluate, format_table
+
+    ks = ks or [3, 5]
+    res = evaluate(pred, ks, legacy)
+    get_run_logger().info("\n" + format_table(res, ks))
+    if json_out:
+        write_eval(res, json_out)
+    return res
+
+
+def write_eval(res: dict, json_out: str) -> None:
+    """JSON at `json_out` and the same table as CSV beside it (percent, as the paper's tables)."""
+    import csv
+
+    p = Path(json_out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(res, indent=1))
+    cols = sorted({k for row in res.values() for k in row})
+    with p.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting"] + cols)
+        for setting, row in res.items():
+            w.writerow([setting] + [round(100 * row[c], 4) if c in ("mAP",) or "@" in c else row[c] for c in cols])
+
+
+@flow(name="audit")
+def audit_flow(pred: str, out: str, top: int = 3, limit: int = 50) -> str:
+    from dart_core.evaluate import audit
+    from dart_core.infer import read_shard_image
+    from dart_core.report import write_report
+
+    run = json.loads(Path(pred, "run.json").read_text())
+    by_id = {}
+    for url in run.get("shards", []):
+        from dart_core.infer import shard_id
+
+        by_id[shard_id(url)] = url
+    result = audit(pred, top=top, limit=limit)
+
+    def image_bytes(shard: str, key: str):
+        url = by_id.get(shard)
+        if url is None or url.startswith("s3://"):
+            return None
+        try:
+            return read_shard_image(url, key)
+        except (KeyError, OSError):
+            return None
+
+    grid = tuple(run.get("grid", (14, 14)))
+    page = write_report(out, result, run, image_bytes, grid)
+    get_run_logger().info(f"audit report: {page}")
+    return str(page)

@@ -1,0 +1,29 @@
+-- Views over one prediction folder. The folder is bound, never pasted:  SET VARIABLE pred = ?
+-- Tables are hive-partitioned by shard (…/scores/shard=val-000000/part.parquet).
+CREATE OR REPLACE VIEW scores AS
+    SELECT * FROM read_parquet(getvariable('pred') || '/scores/*/*.parquet', hive_partitioning = true);
+CREATE OR REPLACE VIEW tags AS
+    SELECT * FROM read_parquet(getvariable('pred') || '/tags/*/*.parquet', hive_partitioning = true);
+CREATE OR REPLACE VIEW labels AS
+    SELECT * FROM read_parquet(getvariable('pred') || '/labels/*/*.parquet', hive_partitioning = true);
+CREATE OR REPLACE VIEW errors AS
+    SELECT * FROM read_parquet(getvariable('pred') || '/errors/*/*.parquet', hive_partitioning = true);
+CREATE OR REPLACE VIEW vocab AS
+    SELECT * FROM read_parquet(getvariable('pred') || '/vocab/vocab.parquet');
+
+-- The dense scores in long form: one row per (image, class). class_index is 0-based.
+CREATE OR REPLACE VIEW scores_long AS
+    SELECT shard, image_id, generate_subscripts(scores, 1) - 1 AS class_index, unnest(scores)::DOUBLE AS score
+    FROM scores;
+
+-- Every (image, class) with its rank among all classes of the image (1 = best; ties by class).
+CREATE OR REPLACE VIEW ranked AS
+    SELECT s.*, row_number() OVER (PARTITION BY s.shard, s.image_id ORDER BY s.score DESC, s.class_index) AS rank
+    FROM scores_long s;
+
+-- Scores of the (image, class) pairs whose label is known (+1 / -1); unknown labels are absent.
+CREATE OR REPLACE VIEW judged AS
+    SELECT r.shard, r.image_id, r.class_index, v.class_id, v.class_name, v.unseen, r.score, r.rank, l.label
+    FROM ranked r
+    JOIN vocab v USING (class_index)
+    JOIN labels l ON l.shard = r.shard AND l.image_id = r.image_id AND l.class_id = v.class_id;
