@@ -2,15 +2,28 @@
 worker imports only PIL/numpy (not pyarrow): faster pool start-up, smaller workers."""
 from __future__ import annotations
 
+import os
+
 from dart_core.data import records as R
 from dart_core.data.fs import FileSystem
 from dart_core.data.image import ImageFailure, normalise
 
 
 _W: dict = {}
+ENV_PREFIXES = ("AWS_", "DART_")
 
 
-def _init_worker(reader: FileSystem, size: int, quality: int, max_pixels: int) -> None:
+def storage_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+
+
+def _init_worker(reader: FileSystem, size: int, quality: int, max_pixels: int, env: dict | None = None) -> None:
+    if env is not None:
+        # Workers fork from a long-lived forkserver started with the environment of its first
+        # use; take the writer's current storage settings (endpoint, region, credentials).
+        for k in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
+            del os.environ[k]
+        os.environ.update(env)
     _W.update(reader=reader, size=size, quality=quality, max_pixels=max_pixels)
 
 

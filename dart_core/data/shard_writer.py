@@ -106,7 +106,7 @@ class ShardReport:
                 "reconciles": self.reconciles()}
 
 
-from dart_core.data._worker import _encode_batch, _init_worker  # noqa: E402 - light module for the pool
+from dart_core.data._worker import _encode_batch, _init_worker, storage_env  # noqa: E402 - light module for the pool
 
 
 # ---- main side ----------------------------------------------------------------------------------
@@ -261,7 +261,8 @@ def _ordered_map(records: Iterable[InputRecord], cfg: WriterConfig, reader: File
     ctx = multiprocessing.get_context("forkserver")  # no fork of a threaded parent (Prefect, boto3)
     window = 4 * workers
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(reader, cfg.image_size, cfg.jpeg_quality, cfg.max_pixels)) as pool:
+                             initargs=(reader, cfg.image_size, cfg.jpeg_quality, cfg.max_pixels,
+                                       storage_env())) as pool:
         pending: deque = deque()
         for b in batches():
             pending.append((b, pool.submit(_encode_batch, paths(b))))
