@@ -110,10 +110,44 @@ def shard_batches(url: str, vocab: Vocabulary, preprocess, batch_size: int, num_
     )
     if num_workers <= 0:
         return pipeline
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        # a Dask/multiprocessing worker may not fork children: prefetch in a thread instead
+        # (PIL decoding and resizing release the GIL, so this still overlaps the model step)
+        return _ThreadPrefetch(pipeline, depth=4)
     # one shard -> only one worker can read it: more would idle, so cap at 1 (overlap, not split)
     # forkserver: shard tasks run in threads, and fork() from a threaded process can deadlock
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=4,
                                        multiprocessing_context="forkserver")
+
+
+class _ThreadPrefetch:
+    """Iterate `source` in a background thread, `depth` batches ahead."""
+
+    def __init__(self, source, depth: int = 4):
+        self.source, self.depth = source, depth
+
+    def __iter__(self):
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(self.depth)
+        done = object()
+
+        def work():
+            try:
+                for item in self.source:
+                    q.put(item)
+            except BaseException as e:  # noqa: BLE001 — re-raised in the consumer
+                q.put(e)
+            q.put(done)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -155,14 +189,16 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
         images = torch.stack([g[0] for g in good]).to(device, non_blocking=True)
         with torch.inference_mode(), autocast:
             out = model(images, with_priors=False)
-        scores = out.logits.float().cpu().numpy()
+        # every table carries the same float16-rounded score, so thresholds calibrated on scores/
+        # and the tags' above_threshold / rank agree exactly
+        scores = out.logits.float().cpu().numpy().astype(np.float16).astype(np.float32)
         patch_logits = out.patch_logits.float().cpu()
         topk = out.topk.cpu()  # (B, C, K)
         order = np.argsort(-scores, axis=1, kind="stable")
         for b, (_, labels, key, _) in enumerate(good):
             n_ok += 1
             rows["scores"]["image_id"].append(key)
-            rows["scores"]["scores"].append(scores[b].astype(np.float16))
+            rows["scores"]["scores"].append(scores[b].astype(np.float16))  # exact: already rounded
             lab = labels.numpy()
             for c in np.flatnonzero(lab):
                 rows["labels"]["image_id"].append(key)
