@@ -51,6 +51,9 @@ class AnnotateConfig:
     batch_size: int = 64
     num_workers: int = 1  # decoding runs in this many DataLoader workers, beside the model
     device: str = "cpu"
+    # "dart": DART's scores and refined patch selections; "zero_shot": the frozen VLP's own
+    # s·cos(global, t_c) and its raw patch scores S* (the baseline DART is compared with)
+    score: str = "dart"
 
 
 def shard_id(url: str) -> str:
@@ -187,13 +190,18 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
         if not good:
             continue
         images = torch.stack([g[0] for g in good]).to(device, non_blocking=True)
+        zero_shot = cfg.score == "zero_shot"
         with torch.inference_mode(), autocast:
-            out = model(images, with_priors=False)
+            out = model(images, with_priors=zero_shot)
+        logits = out.zero_shot if zero_shot else out.logits
+        patch_logits = (out.prior_logits if zero_shot else out.patch_logits).float().cpu()
+        if zero_shot:
+            topk = patch_logits.topk(out.topk.shape[2], dim=1).indices.transpose(1, 2)
+        else:
+            topk = out.topk.cpu()  # (B, C, K), best patch first
         # every table carries the same float16-rounded score, so thresholds calibrated on scores/
         # and the tags' above_threshold / rank agree exactly
-        scores = out.logits.float().cpu().numpy().astype(np.float16).astype(np.float32)
-        patch_logits = out.patch_logits.float().cpu()
-        topk = out.topk.cpu()  # (B, C, K)
+        scores = logits.float().cpu().numpy().astype(np.float16).astype(np.float32)
         order = np.argsort(-scores, axis=1, kind="stable")
         for b, (_, labels, key, _) in enumerate(good):
             n_ok += 1

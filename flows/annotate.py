@@ -153,7 +153,8 @@ def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: 
 def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg: str | None = None,
                   task_runner: str = "threads", dask_address: str | None = None, workers: int | None = None,
                   batch_size: int = 64, top_m: int = 10, device: str = "cpu", mode: str = "new",
-                  thresholds_csv: str | None = None, mm_candidates: int = 0, num_workers: int = 1) -> dict:
+                  thresholds_csv: str | None = None, mm_candidates: int = 0, num_workers: int = 1,
+                  score: str = "dart") -> dict:
     """Score every shard; returns {"shards": n, "images": n, "errors": n, "skipped": n}."""
     from dart_core import __version__
     from dart_core.backbone import patch_grid
@@ -174,15 +175,18 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
     from dart_core.infer import read_thresholds
 
     th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
-    meta = {"model": f"DART on {doc['backbone']['name']}/{doc['backbone']['pretrained']}",
+    what = "DART" if score == "dart" else "frozen VLP zero-shot"
+    meta = {"model": f"{what} on {doc['backbone']['name']}/{doc['backbone']['pretrained']}",
             "checkpoint": str(checkpoint), "checkpoint_hash": file_hash(checkpoint),
             "crg": crg, "crg_hash": file_hash(crg), "vocab_hash": vocab.hash(), "classes": len(vocab),
             "unseen_classes": int(vocab.unseen_mask.sum()), "trained_classes": len(doc["vocab"]["ids"]),
             "code_version": __version__, "shards_root": str(shards), "shards": shard_list,
             "thresholds": thresholds_csv, "top_m": top_m, "mm_candidates": mm_candidates,
-            "grid": list(patch_grid(doc["backbone"]["name"]))}
+            "grid": list(patch_grid(doc["backbone"]["name"])), "score": score}
     prepare_output(out, meta, vocab, th, mode)
-    cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers}
+    if score not in ("dart", "zero_shot"):
+        raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")
+    cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
     runner = make_task_runner(task_runner, dask_address, workers)
     logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
     stats = _annotate_shards.with_options(task_runner=runner)(

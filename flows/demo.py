@@ -1,0 +1,180 @@
+"""Prefect flow `demo`: the whole pipeline on the embedded synthetic world, offline.
+
+generate -> shard -> pretrain the small VLP (cached) -> mine the CRG (an OpenAI-compatible endpoint
+if one is configured, else text similarity) -> train DART -> annotate (DART and the frozen VLP's
+zero-shot baseline) -> evaluate (SQL) + localization -> audit. Tasks pass paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+DEMO_TRAIN = dict(epochs=12, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_epochs=1.0)
+
+
+def _log():
+    try:
+        return get_run_logger().info
+    except Exception:  # noqa: BLE001 — called outside a run
+        return print
+
+
+def make_sources(workdir: Path, n_train: int, n_test: int, seed: int) -> dict:
+    """World images as two folder sources (train: seed, test: seed + 1), written once."""
+    from dart_core.world.generator import write_folder_source
+
+    out = {}
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        d = workdir / "source" / split
+        marker = d / ".complete.json"
+        want = {"images": n, "seed": s}
+        if not (marker.exists() and json.loads(marker.read_text()) == want):
+            write_folder_source(d, n, seed=s)
+            marker.write_text(json.dumps(want))
+        out[split] = str(d)
+    return out
+
+
+def localization(pred_dir: str, boxes_jsonl: str, unseen: set[str]) -> dict:
+    """Fraction of positive (image, class) pairs whose top patch lies in one of the class's boxes,
+    from the tags table (patches are stored best first), for ZSL (unseen) and GZSL classes."""
+    import duckdb
+
+    from dart_core.data.sources.folder import key_for
+    from dart_core.world.generator import read_boxes
+    from dart_core.world.localization import patch_centres
+
+    run = json.loads(Path(pred_dir, "run.json").read_text())
+    grid = tuple(run["grid"])
+    boxes = {key_for(p): objs for p, objs in read_boxes(boxes_jsonl).items()}
+    con = duckdb.connect()
+    rows = con.execute(
+        "SELECT t.image_id, t.class_id, t.patches[1] FROM read_parquet(? || '/tags/*/*.parquet', hive_partitioning=true) t "
+        "JOIN read_parquet(? || '/labels/*/*.parquet', hive_partitioning=true) l "
+        "ON l.shard = t.shard AND l.image_id = t.image_id AND l.class_id = t.class_id WHERE l.label = 1",
+        [pred_dir, pred_dir]).fetchall()
+    centres = patch_centres(grid, (64, 64))
+    hit = {"zsl": [0, 0], "gzsl": [0, 0]}
+    for image_id, cid, patch in rows:
+        bs = [o["box"] for o in boxes.get(image_id, []) if cid in o["classes"]]
+        if not bs:
+            continue  # scene classes have no box
+        x, y = centres[patch]
+        ok = any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in bs)
+        for setting in (("zsl", "gzsl") if cid in unseen else ("gzsl",)):
+            hit[setting][0] += ok
+            hit[setting][1] += 1
+    return {s: (h / n if n else float("nan")) for s, (h, n) in hit.items()}
+
+
+def zero_shot_checkpoint(path: Path, backbone: str, pretrained: str, classes_csv: str) -> str:
+    """A 'DART' with neither ARM nor ATM: no trainable weight; scored in zero_shot mode it is the
+    frozen VLP itself, and it goes through exactly the same annotate/eval code as DART."""
+    from dart_core.checkpoint import save_checkpoint
+    from dart_core.model import DART, DARTConfig
+    from dart_core.vocab import Vocabulary
+
+    m = DART(DARTConfig(backbone=backbone, pretrained=pretrained, use_arm=False, use_atm=False))
+    save_checkpoint(path, m, Vocabulary.read_csv(classes_csv).subset("seen"))
+    return str(path)
+
+
+def crg_source_available() -> str:
+    from flows.crg import endpoint_configured, resolve_api_key
+
+    return "llm" if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)) else "similarity"
+
+
+def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | None, vlp: str, model_cfg: dict,
+                train_cfg: dict, crg_source: str = "file") -> dict:
+    """Train one DART variant, annotate the test split, evaluate + localize."""
+    from flows.annotate import annotate_flow
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+    from dart_core.world.generator import UNSEEN
+    from dart_core.world.vlp import MODEL_NAME
+
+    run_dir = workdir / "runs" / name
+    ckpt = run_dir / "model.pt"
+    cfg = dict(backbone=MODEL_NAME, pretrained=vlp, **model_cfg)
+    if not ckpt.exists():
+        train_flow(f"{shards}/train", classes, str(run_dir), cfg, train_cfg, crg, crg_source)
+    pred = workdir / "predictions" / name
+    annotate_flow(str(ckpt), f"{shards}/test", classes, str(pred), crg if crg_source == "file" else None,
+                  top_m=64, batch_size=128, mode="overwrite")
+    res = evaluate_flow(str(pred), [3, 5])
+    res["localization"] = localization(str(pred), str(workdir / "source" / "test" / "boxes.jsonl"), set(UNSEEN))
+    return {"pred": str(pred), "checkpoint": str(ckpt), **res}
+
+
+@flow(name="demo")
+def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, seed: int = 0, vlp_steps: int = 300,
+              epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None) -> dict:
+    from flows.annotate import annotate_flow
+    from flows.crg import MineOptions, run_mining
+    from flows.evaluate import audit_flow, evaluate_flow
+    from flows.shard import shard
+    from flows.vlp import pretrain_vlp
+    from dart_core.world.generator import UNSEEN
+    from dart_core.world.vlp import MODEL_NAME
+
+    log = _log()
+    t0 = time.time()
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    src = make_sources(wd, n_train, n_test, seed)
+    shards = str(wd / "shards")
+    for split in ("train", "test"):
+        shard(src[split], "folder", shards, split=split, shard_size=1000)
+    classes = f"{shards}/classes.csv"
+    vlp = pretrain_vlp(vlp_cache or str(wd / "vlp-cache"), steps=vlp_steps, seed=seed)
+    source = crg_source_available()
+    log(f"CRG source: {source}" + ("" if source == "llm" else
+                                   " (no OpenAI-compatible endpoint configured: OPENAI_BASE_URL / OPENAI_API_KEY)"))
+    crg = str(wd / "crg.json")
+    run_mining(MineOptions(classes=classes, out=crg, source=source, backbone=MODEL_NAME, pretrained=vlp,
+                           neighbors=8, estimate=False), log=log)
+    train_cfg = dict(DEMO_TRAIN, epochs=epochs)
+    results = {"crg_source": source, "vlp": vlp}
+    zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
+    zs_pred = wd / "predictions" / "zero_shot"
+    annotate_flow(zs_ckpt, f"{shards}/test", classes, str(zs_pred), top_m=64, batch_size=128, mode="overwrite",
+                  score="zero_shot")
+    results["zero_shot"] = evaluate_flow(str(zs_pred), [3, 5])
+    results["zero_shot"]["localization"] = localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
+    results["dart"] = run_variant("dart", wd, shards, classes, crg, vlp, {}, train_cfg)
+    if ablations:
+        variants = {
+            "no_arm": ({"use_arm": False}, "file"), "no_wps": ({"use_wps": False}, "file"),
+            "no_atm": ({"use_atm": False}, "file"), "crg_random": ({}, "random"),
+            "crg_similarity": ({}, "similarity"),
+        }
+        for name, (mcfg, csrc) in variants.items():
+            if csrc == "similarity" and source == "similarity":
+                continue  # the main run already uses the similarity CRG
+            results[name] = run_variant(name, wd, shards, classes, crg, vlp, mcfg, train_cfg, csrc)
+    results["report"] = audit_flow(results["dart"]["pred"], str(wd / "report"))
+    results["seconds"] = round(time.time() - t0, 1)
+    (wd / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def format_results(results: dict) -> str:
+    rows = [("frozen VLP zero-shot", results["zero_shot"]), ("DART", results["dart"])]
+    for name in ("no_arm", "no_wps", "no_atm", "crg_random", "crg_similarity"):
+        if name in results:
+            rows.append((f"DART {name.replace('_', ' ')}", results[name]))
+    head = (f"{'model':<24}{'ZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}   "
+            f"{'GZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}")
+    lines = [head]
+    for name, r in rows:
+        z, g, loc = r["zsl"], r["gzsl"], r["localization"]
+        lines.append(f"{name:<24}{100 * z['mAP']:8.1f}{100 * z['F1@3']:7.1f}{100 * z['F1@5']:7.1f}"
+                     f"{100 * loc['zsl']:7.1f}   {100 * g['mAP']:8.1f}{100 * g['F1@3']:7.1f}"
+                     f"{100 * g['F1@5']:7.1f}{100 * loc['gzsl']:7.1f}")
+    return "\n".join(lines)
