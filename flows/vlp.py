@@ -49,12 +49,13 @@ def pretrain_vlp_task(out_dir: str, config: dict, code_hash: str) -> str:
 @flow(name="pretrain_vlp")
 def pretrain_vlp(out_dir: str, n_images: int | None = None, steps: int = 300, seed: int = 0,
                  batch_size: int = 128, lr: float = 1e-3, warmup: int = 30, threads: int = 1,
-                 model_name: str = MODEL_NAME) -> str:
+                 model_name: str = MODEL_NAME, options: dict | None = None) -> str:
     """Path of the pretrained checkpoint in `out_dir` (a cache folder), training only when no run
     with the same inputs and code produced it before. `n_images` caps the distinct images (None:
-    a fresh image for every one of steps × batch_size)."""
-    cfg = VLPConfig(model_name=model_name, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                    seed=seed, threads=threads, n_images=n_images)
+    a fresh image for every one of steps × batch_size). `options` sets any other VLPConfig field
+    (caption probabilities, jpeg_quality) for ablations."""
+    cfg = VLPConfig(**{**(options or {}), "model_name": model_name, "steps": steps, "batch_size": batch_size,
+                       "lr": lr, "warmup": warmup, "seed": seed, "threads": threads, "n_images": n_images})
     out_dir = str(Path(out_dir).resolve())
     code = world_code_hash(model_name)
     exists = checkpoint_path(out_dir, cfg, code).is_file()

@@ -160,6 +160,23 @@ def test_augmented_caption_is_seeded_and_drops_words():
     assert G.caption(s.scene, s.mentions, random.Random(0), p_family=1.0).count("shape") == 3
 
 
+def test_partial_captions_and_one_concept_captions():
+    from dart_core.world.vlp import VLPConfig, training_caption
+
+    s = next(G.generate(1, seed=0))
+    # p_scene 0: the scene phrase is gone; p_object tiny: exactly one object survives
+    c = G.caption(s.scene, s.mentions, random.Random(1), p_object=1e-9, p_scene=0.0)
+    assert c.endswith(".") and "park" not in c and " and " not in c and "," not in c
+    cfg = VLPConfig(p_word=1.0)
+    words = {training_caption(s, random.Random(i), cfg) for i in range(200)}
+    assert words == {f"a photo of a {w}." for w in s.positives()}
+    # p_word 0 and the rest off: the full caption, objects shuffled
+    full = training_caption(s, random.Random(3), VLPConfig(p_word=0.0, p_drop=0.0, p_family=0.0, p_object=1.0,
+                                                             p_scene=1.0))
+    assert sorted(full[len("a photo of "):-len(" in a park.")].replace(" and ", ", ").split(", ")) == sorted(
+        ["a small striped yellow triangle", "a big orange star", "a small yellow ring"])
+
+
 # ---- folder source -----------------------------------------------------------------------------
 def test_write_folder_source_exact_format(tmp_path):
     from dart_core.data.sources.folder import read_folder

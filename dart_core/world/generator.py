@@ -349,21 +349,30 @@ def _phrase(m: dict, rng: random.Random | None, p_drop: float, p_family: float) 
 
 
 def caption(scene: str, mentions: list[dict], rng: random.Random | None = None,
-            p_drop: float = 0.0, p_family: float = 0.0) -> str:
+            p_drop: float = 0.0, p_family: float = 0.0, p_object: float = 1.0, p_scene: float = 1.0) -> str:
     """'a photo of a big striped red circle and a small blue square in a park.'
 
     With an `rng`, each attribute word is dropped with probability `p_drop` and a shape is named by
     its family ('a red round shape') with probability `p_family`: captions that name a shape without
-    its colour force the VLP to learn shapes instead of leaning on colour alone. Without `rng` the
-    caption is the full, deterministic description written to the folder source."""
+    its colour force the VLP to learn shapes instead of leaning on colour alone. Each object is
+    kept with probability `p_object` (at least one is) and the scene phrase with `p_scene`, as
+    real alt-text is partial. Without `rng` the caption is the full, deterministic description
+    written to the folder source."""
+    if rng is not None and p_object < 1.0 and mentions:
+        kept = [m for m in mentions if rng.random() < p_object]
+        mentions = kept or [rng.choice(mentions)]
     parts = [_phrase(m, rng, p_drop, p_family) for m in mentions]
     if rng is not None:
         rng.shuffle(parts)
+    if rng is not None and p_scene < 1.0 and rng.random() >= p_scene:
+        return f"a photo of {_join(parts)}."
+    return f"a photo of {_join(parts)} {SCENE_RULES[scene].phrase}."
+
+
+def _join(parts: list[str]) -> str:
     if len(parts) > 1:
-        body = ", ".join(parts[:-1]) + " and " + parts[-1]
-    else:
-        body = parts[0] if parts else "nothing"
-    return f"a photo of {body} {SCENE_RULES[scene].phrase}."
+        return ", ".join(parts[:-1]) + " and " + parts[-1]
+    return parts[0] if parts else "nothing"
 
 
 # ---- writing a folder source -------------------------------------------------------------------

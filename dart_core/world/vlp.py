@@ -35,11 +35,29 @@ class VLPConfig:
     seed: int = 0
     p_drop: float = 0.3  # per attribute word: shape-only mentions teach shapes (see caption())
     p_family: float = 0.1  # name a shape by its family, so 'round'/'angular'/'spiky' are words too
+    p_object: float = 0.7  # keep each object in the caption with this probability (>= 1 kept)
+    p_scene: float = 0.5  # keep the scene phrase with this probability
+    p_word: float = 0.3  # instead, a one-concept caption 'a photo of a {class}.' for a present class
     threads: int = 1  # part of the result (float reductions depend on it); 1 also wins on a busy box
     n_images: int | None = None  # distinct images, cycled; None = a fresh image every time
+    jpeg_quality: int | None = 90  # train on what DART will see: the shard writer re-encodes JPEG q90
 
 
-def _image_tensor(images, mean, std, size: int) -> torch.Tensor:
+def jpeg_roundtrip(im, quality: int | None):
+    """The image as the shards hold it: the shard writer stores JPEG (quality 90 by default)."""
+    if not quality:
+        return im
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _image_tensor(images, mean, std, size: int, jpeg_quality: int | None = None) -> torch.Tensor:
+    images = [jpeg_roundtrip(im, jpeg_quality) for im in images]
     arr = np.stack([np.asarray(im.resize((size, size), resample=3) if im.size != (size, size) else im)
                     for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255)
@@ -56,8 +74,17 @@ def _batch(cfg: VLPConfig, step: int, size: int, mean, std, tokenizer):
         s = G.generate_sample(G.sample_rng(cfg.seed, img_idx, stream="vlp"), size)
         cap_rng = random.Random(f"dart-vlp-caption:{cfg.seed}:{idx}")
         samples.append(s.image)
-        caps.append(G.caption(s.scene, s.mentions, cap_rng, cfg.p_drop, cfg.p_family))
-    return _image_tensor(samples, mean, std, size), tokenizer(caps)
+        caps.append(training_caption(s, cap_rng, cfg))
+    return _image_tensor(samples, mean, std, size, cfg.jpeg_quality), tokenizer(caps)
+
+
+def training_caption(sample, rng: random.Random, cfg: VLPConfig) -> str:
+    """One of the sample's possible captions. One-concept captions ground each word on its own
+    (a full-scene caption can be matched on the scene and one colour alone); the rest are partial,
+    re-worded descriptions of the image (G.caption)."""
+    if cfg.p_word and rng.random() < cfg.p_word:
+        return f"a photo of a {rng.choice(sample.positives())}."
+    return G.caption(sample.scene, sample.mentions, rng, cfg.p_drop, cfg.p_family, cfg.p_object, cfg.p_scene)
 
 
 def _lr_at(step: int, cfg: VLPConfig) -> float:
@@ -152,7 +179,8 @@ def pair_labels(samples) -> tuple[list[str], np.ndarray]:
 
 @torch.no_grad()
 def zero_shot_scores(model_name: str, checkpoint: str | Path | None, samples, names: list[str],
-                     template: str = "a photo of a {}.", threads: int = 2) -> np.ndarray:
+                     template: str = "a photo of a {}.", threads: int = 1,
+                     jpeg_quality: int | None = 90) -> np.ndarray:
     """(N, C) cosine similarity of each image's CLIP embedding with each name's prompt."""
     from dart_core.backbone import FrozenBackbone
 
@@ -164,13 +192,14 @@ def zero_shot_scores(model_name: str, checkpoint: str | Path | None, samples, na
     txt = bb.text_embeddings(names)
     out = []
     for i in range(0, len(samples), 256):
-        x = _image_tensor([s.image for s in samples[i:i + 256]], pp.mean, pp.std, size)
+        x = _image_tensor([s.image for s in samples[i:i + 256]], pp.mean, pp.std, size, jpeg_quality)
         out.append(F.normalize(bb.clip.encode_image(x).float(), dim=-1) @ txt.T)
     return torch.cat(out).numpy()
 
 
 def zero_shot_report(checkpoint: str | Path | None, model_name: str = MODEL_NAME, n_images: int = 1000,
-                     seed: int = 12345, template: str = "a photo of a {}.", log=print) -> dict:
+                     seed: int = 12345, template: str = "a photo of a {}.", jpeg_quality: int | None = 90,
+                     log=print) -> dict:
     """Zero-shot mAP (percent) of the VLP per class group vs chance, on `n_images` world images.
 
     chance = the mean over the group's classes of the positive rate, which is the expected AP of
@@ -187,7 +216,7 @@ def zero_shot_report(checkpoint: str | Path | None, model_name: str = MODEL_NAME
     names = list(G.CLASS_NAMES)
     y = np.array([[s.labels[c] for c in names] for s in samples], np.int8)
     pnames, py = pair_labels(samples)
-    scores = zero_shot_scores(model_name, checkpoint, samples, names + pnames, template)
+    scores = zero_shot_scores(model_name, checkpoint, samples, names + pnames, template, jpeg_quality=jpeg_quality)
     ap = average_precision(scores[:, :len(names)], y)
     pap = average_precision(scores[:, len(names):], py)
     prev = (y == 1).mean(0)
@@ -207,7 +236,8 @@ def zero_shot_report(checkpoint: str | Path | None, model_name: str = MODEL_NAME
     add("seen", ap[~unseen], prev[~unseen])
     add("unseen", ap[unseen], prev[unseen])
     add("all", ap, prev)
-    log(f"zero-shot mAP of {model_name} ({checkpoint}) on {n_images} world images (seed {seed}), template {template!r}")
+    log(f"zero-shot mAP of {model_name} ({checkpoint}) on {n_images} world images (seed {seed}, "
+        f"jpeg {jpeg_quality}), template {template!r}")
     log(f"{'group':<14}{'classes':>8}{'mAP':>8}{'chance':>8}")
     for g, r in report.items():
         log(f"{g:<14}{r['classes']:>8}{r['mAP']:>8.1f}{r['chance']:>8.1f}")
@@ -223,7 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("out")
     for f in VLPConfig.__dataclass_fields__.values():
         if f.name != "model_name":
-            typ = int if f.name == "n_images" else type(f.default)
+            typ = int if f.name in ("n_images", "jpeg_quality") else type(f.default)
             p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default)
     p.add_argument("--model-name", default=MODEL_NAME)
     p.add_argument("--eval-images", type=int, default=1000)
@@ -235,7 +265,7 @@ def main(argv=None) -> None:
         t = time.time()
         pretrain(out, cfg)
         print(f"pretrained in {time.time() - t:.0f}s -> {out}")
-    zero_shot_report(out, cfg.model_name, n_eval)
+    zero_shot_report(out, cfg.model_name, n_eval, jpeg_quality=cfg.jpeg_quality)
 
 
 if __name__ == "__main__":
