@@ -53,9 +53,10 @@ def main() -> None:
     model = DART(DARTConfig(backbone=args.backbone, pretrained=None), device=args.device).eval()
     # random weights everywhere, including the zero-initialised output layers, so every path computes
     with torch.no_grad():
-        for p in model.parameters():
+        for n, p in model.named_parameters():
             if p.requires_grad:
-                p.normal_(0, 0.02)
+                # LayerScales at 1 so the graph layers change the scores as a trained ATM would
+                p.fill_(1.0) if n.endswith("gamma") else p.normal_(0, 0.02)
     counts = model.parameter_counts()
     print(f"backbone {args.backbone}, device {args.device}, batch {args.batch}, threads {torch.get_num_threads()}")
     print(f"parameters: trainable {counts['trainable'] / 1e6:.2f}M, total {counts['total'] / 1e6:.1f}M "
