@@ -197,9 +197,9 @@ class _Canvas:
         return box
 
 
-def _size_px(size_class: str, image_size: int, rng: random.Random) -> int:
-    lo, hi = (0.20, 0.26) if size_class == "small" else (0.34, 0.44)
-    return max(8, round(image_size * rng.uniform(lo, hi)))
+def _size_px(size_class: str, image_size: int, rng: random.Random, scale: float = 1.0) -> int:
+    lo, hi = (0.20, 0.26) if size_class == "small" else (0.34, 0.44)  # of the image side, × scale
+    return max(8, round(image_size * scale * rng.uniform(lo, hi)))
 
 
 def _place(rng: random.Random, canvas: _Canvas, w: int, h: int, tries: int = 60):
@@ -295,8 +295,10 @@ def _draw_composite(kind: str, rng: random.Random, canvas: _Canvas, scene: Scene
     raise ValueError(kind)
 
 
-def generate_sample(rng: random.Random, image_size: int = 64, max_objects: int = 3) -> WorldSample:
-    """One image from `rng` (a seeded random.Random: the sample is a function of its state)."""
+def generate_sample(rng: random.Random, image_size: int = 64, max_objects: int = 3,
+                    object_scale: float = 1.0) -> WorldSample:
+    """One image from `rng` (a seeded random.Random: the sample is a function of its state).
+    `object_scale` multiplies the simple objects' sizes (composites keep theirs)."""
     scene_name = rng.choice(SCENES)
     scene = SCENE_RULES[scene_name]
     canvas = _Canvas(image_size, scene.background)
@@ -317,7 +319,7 @@ def generate_sample(rng: random.Random, image_size: int = 64, max_objects: int =
         if shape in ("star", "cross", "ring"):
             texture = "plain"  # thin shapes cannot show a pattern at this resolution
         size = rng.choice(SIZES)
-        s = _size_px(size, image_size, rng)
+        s = _size_px(size, image_size, rng, object_scale)
         pos = _place(rng, canvas, s, s)
         if pos is None:
             continue  # no room left: fewer objects, never overlapping ones
@@ -382,13 +384,14 @@ def sample_rng(seed: int, index: int, stream: str = "world") -> random.Random:
     return random.Random(f"dart-{stream}:{seed}:{index}")
 
 
-def generate(n_images: int, seed: int = 0, image_size: int = 64, start: int = 0, stream: str = "world"):
+def generate(n_images: int, seed: int = 0, image_size: int = 64, start: int = 0, stream: str = "world",
+             object_scale: float = 1.0):
     for i in range(start, start + n_images):
-        yield generate_sample(sample_rng(seed, i, stream), image_size)
+        yield generate_sample(sample_rng(seed, i, stream), image_size, object_scale=object_scale)
 
 
 def write_folder_source(out_dir: str | Path, n_images: int, seed: int = 0, image_size: int = 64,
-                        image_format: str = "png") -> dict:
+                        image_format: str = "png", object_scale: float = 1.0) -> dict:
     """Write `n_images` as a generic folder source: images/<nnnnnn>.<png>, labels.csv (path,labels
     with every class: present ones plain, absent ones as `-id` verified negatives), classes.csv
     (id,name,split), boxes.jsonl (one row per image: path, width, height, objects with box and
@@ -404,7 +407,7 @@ def write_folder_source(out_dir: str | Path, n_images: int, seed: int = 0, image
         lw, cw = csv.writer(lf), csv.writer(cf)
         lw.writerow(["path", "labels"])
         cw.writerow(["path", "caption"])
-        for i, s in enumerate(generate(n_images, seed, image_size)):
+        for i, s in enumerate(generate(n_images, seed, image_size, object_scale=object_scale)):
             rel = f"images/{i:06d}.{image_format}"
             s.image.save(out / rel)
             lw.writerow([rel, "|".join(c if s.labels[c] == 1 else f"-{c}" for c in CLASS_NAMES)])

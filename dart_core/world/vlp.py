@@ -40,6 +40,7 @@ class VLPConfig:
     p_word: float = 0.3  # instead, a one-concept caption 'a photo of a {class}.' for a present class
     threads: int = 1  # part of the result (float reductions depend on it); 1 also wins on a busy box
     n_images: int | None = None  # distinct images, cycled; None = a fresh image every time
+    object_scale: float = 1.0  # the world's object sizes (generate_sample); evaluate on the same
     jpeg_quality: int | None = 90  # train on what DART will see: the shard writer re-encodes JPEG q90
 
 
@@ -71,7 +72,7 @@ def _batch(cfg: VLPConfig, step: int, size: int, mean, std, tokenizer):
     for j in range(cfg.batch_size):
         idx = step * cfg.batch_size + j
         img_idx = idx % cfg.n_images if cfg.n_images else idx
-        s = G.generate_sample(G.sample_rng(cfg.seed, img_idx, stream="vlp"), size)
+        s = G.generate_sample(G.sample_rng(cfg.seed, img_idx, stream="vlp"), size, object_scale=cfg.object_scale)
         cap_rng = random.Random(f"dart-vlp-caption:{cfg.seed}:{idx}")
         samples.append(s.image)
         caps.append(training_caption(s, cap_rng, cfg))
@@ -157,9 +158,9 @@ def pretrain(out_path: str | Path, cfg: VLPConfig | None = None, log=print) -> P
 PAIR_GROUP = "colour+shape"
 
 
-def eval_set(n_images: int, seed: int, image_size: int):
+def eval_set(n_images: int, seed: int, image_size: int, object_scale: float = 1.0):
     """World images for evaluation: the "world" stream (the VLP never trains on it)."""
-    return list(G.generate(n_images, seed, image_size, stream="world"))
+    return list(G.generate(n_images, seed, image_size, stream="world", object_scale=object_scale))
 
 
 def pair_labels(samples) -> tuple[list[str], np.ndarray]:
@@ -199,7 +200,7 @@ def zero_shot_scores(model_name: str, checkpoint: str | Path | None, samples, na
 
 def zero_shot_report(checkpoint: str | Path | None, model_name: str = MODEL_NAME, n_images: int = 1000,
                      seed: int = 12345, template: str = "a photo of a {}.", jpeg_quality: int | None = 90,
-                     log=print) -> dict:
+                     object_scale: float = 1.0, log=print) -> dict:
     """Zero-shot mAP (percent) of the VLP per class group vs chance, on `n_images` world images.
 
     chance = the mean over the group's classes of the positive rate, which is the expected AP of
@@ -212,7 +213,7 @@ def zero_shot_report(checkpoint: str | Path | None, model_name: str = MODEL_NAME
 
     register_model_configs()
     cfg = open_clip.get_model_config(model_name)
-    samples = eval_set(n_images, seed, cfg["vision_cfg"]["image_size"])
+    samples = eval_set(n_images, seed, cfg["vision_cfg"]["image_size"], object_scale)
     names = list(G.CLASS_NAMES)
     y = np.array([[s.labels[c] for c in names] for s in samples], np.int8)
     pnames, py = pair_labels(samples)
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
         t = time.time()
         pretrain(out, cfg)
         print(f"pretrained in {time.time() - t:.0f}s -> {out}")
-    zero_shot_report(out, cfg.model_name, n_eval, jpeg_quality=cfg.jpeg_quality)
+    zero_shot_report(out, cfg.model_name, n_eval, jpeg_quality=cfg.jpeg_quality, object_scale=cfg.object_scale)
 
 
 if __name__ == "__main__":
