@@ -1,0 +1,49 @@
+"""`dart train` over webdataset shards and `dart info`, through the CLI."""
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.annotate_fixtures import COLOURS, make_shards
+from tests.model_fixtures import tiny_clip_ckpt  # noqa: F401
+
+
+def test_dart_train_over_shards_and_resume(tmp_path, tiny_clip_ckpt, prefect_harness):
+    from dart_core.checkpoint import read_checkpoint
+    from dart_core.vocab import Vocabulary
+
+    Vocabulary.from_names(list(COLOURS), unseen={"yellow"}).write_csv(tmp_path / "classes.csv")
+    make_shards(tmp_path / "shards" / "train")  # 4 shards x 6 images
+    args = ["train", "--shards", str(tmp_path / "shards" / "train"), "--classes", str(tmp_path / "classes.csv"),
+            "--out", str(tmp_path / "run"), "--backbone", "dart-tiny-vit", "--pretrained", tiny_clip_ckpt,
+            "--epochs", "2", "--batch-size", "4", "--top-k", "4"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "text-similarity CRG" in r.output
+    hist = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == list(range(1, 13))  # 24 samples / batch 4 = 6 steps x 2 epochs
+    doc = read_checkpoint(tmp_path / "run" / "model.pt")
+    assert doc["vocab"]["names"] == ["red", "green", "blue"]  # trained on the seen classes only
+    # a second call finds last.pt at the final step: nothing more to train, same checkpoint
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 12
+
+
+def test_dart_train_bad_vocabulary_is_one_line(tmp_path, tiny_clip_ckpt):
+    (tmp_path / "classes.csv").write_text("id,name,split\na,cat,seen\nb,cat,seen\n")
+    r = CliRunner().invoke(app, ["train", "--shards", str(tmp_path), "--classes", str(tmp_path / "classes.csv"),
+                                 "--out", str(tmp_path / "run"), "--backbone", "dart-tiny-vit",
+                                 "--pretrained", tiny_clip_ckpt])
+    assert r.exit_code == 2
+    assert "error:" in r.output and "duplicate class name 'cat'" in r.output
+
+
+def test_dart_info_counts(tiny_clip_ckpt):
+    from dart_core.model import DART, DARTConfig
+
+    r = CliRunner().invoke(app, ["info", "--backbone", "dart-tiny-vit"])
+    assert r.exit_code == 0, r.output
+    c = DART(DARTConfig(backbone="dart-tiny-vit", pretrained=None)).parameter_counts()
+    assert f"trainable: {c['trainable'] / 1e6:.2f}M" in r.output
+    assert f"vision tower + trainable (the paper's Tab. 7 'Param' counting): {(c['vision_tower'] + c['trainable']) / 1e6:.1f}M" in r.output
