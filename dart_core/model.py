@@ -128,6 +128,20 @@ class DART(nn.Module):
         return h.hexdigest()[:16]
 
     # ---- forward ------------------------------------------------------------
+    def _text_atm(self) -> torch.Tensor:
+        """Text-ATM output h_txt: it depends on the vocabulary and the weights, not on the images,
+        so without gradients it is computed once and reused until the text, the graph or a Text-ATM
+        weight changes (every in-place update bumps a tensor's version counter)."""
+        if torch.is_grad_enabled():
+            return self.atm.text(self.text, self.edge_index)
+        key = (self.text.data_ptr(), self.text._version, self.edge_index.data_ptr(), self.edge_index._version,
+               tuple(p._version for p in self.atm.text_layers.parameters()))
+        cached = getattr(self, "_h_txt_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.atm.text(self.text, self.edge_index))
+            self._h_txt_cache = cached
+        return cached[1]
+
     def forward(self, images: torch.Tensor, with_priors: bool = True) -> DARTOutput:
         if self.text.shape[0] == 0:
             raise RuntimeError("call set_classes() before scoring")
@@ -158,7 +172,7 @@ class DART(nn.Module):
         x_vis = F.normalize(torch.bmm(weights, x_ref_n), dim=-1) + g.unsqueeze(1)  # x_vis^(c), "sum"
         M = self.mm_candidates if not self.training else 0
         if self.atm is not None and 0 < M < t.shape[0]:
-            h_txt = self.atm.text(t, self.edge_index)
+            h_txt = self._text_atm()
             # classes outside an image's top-M keep their pre-ATM score s·cos(x_vis, t_c)
             logits = s * torch.einsum("bcd,cd->bc", F.normalize(x_vis, dim=-1), t)
             cand = logits.topk(M, dim=1).indices
@@ -167,7 +181,7 @@ class DART(nn.Module):
             logits = logits.scatter(1, cand, cand_logits)
         else:
             if self.atm is not None:
-                h_txt = self.atm.text(t, self.edge_index)
+                h_txt = self._text_atm()
                 h = self.atm.multimodal(self.atm.fuse(x_vis, h_txt), self.edge_index)
             else:
                 h = x_vis

@@ -147,3 +147,24 @@ def test_bounded_mm_atm_equals_exact_when_candidates_cover_all(tiny_model):
         top = pre.topk(3, dim=1).indices
         rest = torch.ones_like(pre, dtype=torch.bool).scatter(1, top, False)
         assert torch.allclose(bounded[rest], pre[rest], atol=1e-5)
+
+
+def test_text_atm_cache_follows_weights_and_vocabulary(tiny_model):
+    x, _ = fixed_batch(2)
+    tiny_model.eval()
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            if p.requires_grad:  # a "trained" model: zero-initialised layers would hide h_txt
+                p.normal_(0, 0.1)
+        a = tiny_model(x).logits
+        assert torch.equal(tiny_model(x).logits, a)  # served from the cache
+        for p in tiny_model.atm.text_layers.parameters():
+            p.add_(0.5)  # an in-place update (as an optimiser step) invalidates it
+        b = tiny_model(x).logits
+    assert not torch.allclose(a, b)
+    with torch.no_grad():
+        ref = tiny_model.atm.text(tiny_model.text, tiny_model.edge_index)
+        assert torch.equal(tiny_model._text_atm(), ref)
+    tiny_model.set_classes(NAMES[:3])
+    with torch.no_grad():
+        assert tiny_model(x).logits.shape == (2, 3)
