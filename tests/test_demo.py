@@ -23,6 +23,6 @@ def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
         for setting in ("zsl", "gzsl"):
             assert 0.0 <= res[name][setting]["mAP"] <= 1.0
             assert 0.0 <= res[name]["localization"][setting] <= 1.0
-    assert Path(res["report"]).read_text().count("<tr class=\"class\">") == 30
+    assert Path(res["report"]).read_text().count("<tr class='class'>") == 30
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["dart"]["checkpoint"].endswith("model.pt")
     assert "DART" in format_results(res)
