@@ -77,9 +77,10 @@ def info(
     backbone: str = typer.Option("ViT-B-16"),
     pretrained: str = typer.Option("none", help="Weights to load ('none': random init, same counts)."),
     arm_layers: int = typer.Option(1),
-    n_classes: int = typer.Option(1006, help="Classes in the vocabulary (does not change the counts)."),
 ) -> None:
-    """Print total and trainable parameter counts of DART on a backbone (cf. paper Tab. 7)."""
+    """Print total and trainable parameter counts of DART on a backbone (cf. paper Tab. 7).
+
+    The counts do not depend on the vocabulary: no weight is class-specific."""
     from dart_core.model import DART, DARTConfig
 
     m = DART(DARTConfig(backbone=backbone, pretrained=None if pretrained == "none" else pretrained,
