@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dart_core.metrics import ranked_known
 from dart_core.vocab import Vocabulary
 
 TABLES = ("scores", "tags", "labels", "errors")
@@ -315,15 +316,11 @@ def calibrate_thresholds(scores: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     th = np.full(C, np.nan)
     best = np.full(C, np.nan)
     for c in range(C):
-        known = labels[:, c] != 0
-        s, y = scores[known, c], labels[known, c] == 1
-        n_pos = int(y.sum())
+        s_sorted, hits, n_pos = ranked_known(scores, labels, c)
         if n_pos == 0:
             continue
-        order = np.argsort(-s, kind="stable")
-        s_sorted, hits = s[order], y[order]
         tp = np.cumsum(hits)
-        k = np.arange(1, len(s) + 1)
+        k = np.arange(1, len(s_sorted) + 1)
         # cut only where the next score differs (a threshold cannot split tied scores)
         cut = np.r_[s_sorted[1:] != s_sorted[:-1], True]
         f1 = np.where(cut, 2 * tp / (k + n_pos), -1.0)

@@ -20,6 +20,15 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
+def ranked_known(scores: np.ndarray, labels: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Class c's known-label images ranked by score (stable: ties keep image order):
+    (sorted scores, positive flags in that order, number of positives)."""
+    known = labels[:, c] != 0
+    s, y = scores[known, c], labels[known, c] == 1
+    order = np.argsort(-s, kind="stable")
+    return s[order], y[order], int(y.sum())
+
+
 def average_precision(scores, labels, empty_as_zero: bool = False) -> np.ndarray:
     """(C,) AP per class (B.1): the mean over positives of the precision at that positive's rank,
     ranking only the images whose label for the class is known; no interpolation. Ties are broken
@@ -29,13 +38,9 @@ def average_precision(scores, labels, empty_as_zero: bool = False) -> np.ndarray
     N, C = scores.shape
     ap = np.full(C, 0.0 if empty_as_zero else np.nan)
     for c in range(C):
-        known = labels[:, c] != 0
-        s, y = scores[known, c], labels[known, c] == 1
-        n_pos = int(y.sum())
+        _, hits, n_pos = ranked_known(scores, labels, c)
         if n_pos == 0:
             continue
-        order = np.argsort(-s, kind="stable")
-        hits = y[order]
         ranks = np.flatnonzero(hits) + 1  # 1-based rank of each positive
         precision_at_hits = np.arange(1, n_pos + 1) / ranks
         ap[c] = precision_at_hits.mean()
