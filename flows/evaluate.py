@@ -37,15 +37,11 @@ def write_eval(res: dict, json_out: str) -> None:
 @flow(name="audit")
 def audit_flow(pred: str, out: str, top: int = 3, limit: int = 50) -> str:
     from dart_core.evaluate import audit
-    from dart_core.infer import read_shard_image
+    from dart_core.infer import read_shard_image, shard_id
     from dart_core.report import write_report
 
     run = json.loads(Path(pred, "run.json").read_text())
-    by_id = {}
-    for url in run.get("shards", []):
-        from dart_core.infer import shard_id
-
-        by_id[shard_id(url)] = url
+    by_id = {shard_id(url): url for url in run.get("shards", [])}
     result = audit(pred, top=top, limit=limit)
 
     def image_bytes(shard: str, key: str):
