@@ -26,11 +26,11 @@ MANIFEST = "_refresh/manifest.parquet"
 
 
 def _read_manifest(url: str):
-    import pyarrow.parquet as pq
+    from dart_core.data.store import read_parquet_bytes
 
     if not storage.exists(url):
         return []
-    return pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+    return read_parquet_bytes(storage.read_bytes(url)).to_pylist()
 
 
 def _write_manifest(url: str, rows: list[dict]) -> None:

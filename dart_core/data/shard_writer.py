@@ -36,7 +36,7 @@ from dart_core.data import records as R
 from dart_core.data.fs import FileSystem, LocalFS
 from dart_core.data.image import DEFAULT_MAX_PIXELS
 from dart_core.data.records import InputRecord
-from dart_core.data.store import LocalShardStore, ShardStore
+from dart_core.data.store import LocalShardStore, ShardStore, read_parquet_bytes
 
 MODES = ("incremental", "overwrite", "extend")
 SHARD_RE = re.compile(r"^(\d{6})(\.tar|\.parquet|_stats\.json)$")
@@ -226,7 +226,7 @@ def _done_inputs(store: ShardStore, complete: set[int]) -> dict:
     for i in sorted(complete):
         name = shard_name(i) + ".parquet"
         try:
-            t = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["key", "path"])
+            t = read_parquet_bytes(store.read_bytes(name), columns=["key", "path"])
         except Exception as e:  # noqa: BLE001
             raise ShardWriteError(f"{store.url_of(name)}: cannot read the sidecar of a complete shard ({e}); "
                                   "delete that shard's files or use --mode overwrite") from None

@@ -9,6 +9,19 @@ from pathlib import Path
 from typing import Protocol
 
 
+def read_parquet_bytes(data: bytes, columns: list[str] | None = None):
+    """A parquet file held in memory, as a pyarrow Table, read synchronously.
+
+    pq.read_table's default pre-buffering hands the reads to Arrow's I/O threads, which can still
+    be releasing their view of the Python `bytes` after the call returns; if the interpreter is
+    finalising by then, that thread aborts the process ("terminate called without an active
+    exception", seen on `dart refresh`). Without pre-buffering or threads nothing outlives the call."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data), columns=columns, pre_buffer=False, use_threads=False)
+
+
 class ShardStore(Protocol):
     url: str
 
