@@ -48,7 +48,7 @@ def pretrain_vlp_task(out_dir: str, config: dict, code_hash: str) -> str:
 
 @flow(name="pretrain_vlp")
 def pretrain_vlp(out_dir: str, n_images: int | None = None, steps: int = 300, seed: int = 0,
-                 batch_size: int = 128, lr: float = 1e-3, warmup: int = 30, threads: int = 1,
+                 batch_size: int = 128, lr: float = 1e-3, warmup: int = 30, threads: int = 2,
                  model_name: str = MODEL_NAME, options: dict | None = None) -> str:
     """Path of the pretrained checkpoint in `out_dir` (a cache folder), training only when no run
     with the same inputs and code produced it before. `n_images` caps the distinct images (None:

@@ -266,7 +266,15 @@ def tiny_vlp(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("vlp") / "vlp.pt"
     cfg = VLPConfig(steps=2, batch_size=8, warmup=1, seed=0, threads=1)
-    pretrain(out, cfg, log=lambda m: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pretrain(out, cfg, log=lambda m: None)
+        # the VLP's thread count is its own: what ran after it (DART training in the demo) ran
+        # single-threaded while it leaked
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     return out, cfg
 
 

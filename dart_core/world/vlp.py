@@ -8,6 +8,7 @@ The checkpoint is a plain state_dict, so it loads the normal way:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -38,7 +39,7 @@ class VLPConfig:
     p_object: float = 0.7  # keep each object in the caption with this probability (>= 1 kept)
     p_scene: float = 0.5  # keep the scene phrase with this probability
     p_word: float = 0.3  # instead, a one-concept caption 'a photo of a {class}.' for a present class
-    threads: int = 1  # part of the result (float reductions depend on it); 1 also wins on a busy box
+    threads: int = 2  # part of the result (float reductions depend on it); 2 = this machine's cores
     n_images: int | None = None  # distinct images, cycled; None = a fresh image every time
     object_scale: float = 1.0  # the world's object sizes (generate_sample); evaluate on the same
     jpeg_quality: int | None = 90  # train on what DART will see: the shard writer re-encodes JPEG q90
@@ -88,6 +89,19 @@ def training_caption(sample, rng: random.Random, cfg: VLPConfig) -> str:
     return G.caption(sample.scene, sample.mentions, rng, cfg.p_drop, cfg.p_family, cfg.p_object, cfg.p_scene)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block and restored after: the count is part
+    of a deterministic result here, but must not leak into the caller (a demo process that
+    pretrains first would otherwise train DART single-threaded)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _lr_at(step: int, cfg: VLPConfig) -> float:
     if step < cfg.warmup:  # linear warm-up, then cosine to 0 (open_clip's cosine_lr)
         return cfg.lr * (step + 1) / cfg.warmup
@@ -99,50 +113,54 @@ def _lr_at(step: int, cfg: VLPConfig) -> float:
 def pretrain(out_path: str | Path, cfg: VLPConfig | None = None, log=print) -> Path:
     """Train from scratch for cfg.steps and save the state_dict to `out_path` (atomically), with a
     `<out_path>.json` sidecar holding the config, final loss and wall time."""
-    import open_clip
-
     from dart_core.backbone import register_model_configs
 
     cfg = cfg or VLPConfig()
     register_model_configs()
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True)
-    try:
-        model = open_clip.create_model(cfg.model_name)
-        model.train()
-        tok = open_clip.get_tokenizer(cfg.model_name)
-        pp = open_clip.get_model_preprocess_cfg(model)
-        size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
-        loss_fn = open_clip.ClipLoss()
-        # open_clip's recipe: no weight decay on gains, biases, embeddings' scale and logit_scale
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            (no_decay if p.ndim < 2 or "logit_scale" in n or "bn" in n or "ln" in n else decay).append(p)
-        opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                                 {"params": decay, "weight_decay": cfg.weight_decay}],
-                                lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        t0 = time.time()
-        losses = []
-        for step in range(cfg.steps):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
-            images, texts = _batch(cfg, step, size, pp["mean"], pp["std"], tok)
-            img_f, txt_f, scale = model(images, texts)[:3]  # normalised features, logit_scale.exp()
-            loss = loss_fn(img_f, txt_f, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():  # CLIP clamps the learned temperature at 100
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss.detach()))
-            if step % 25 == 0 or step == cfg.steps - 1:
-                log(f"vlp step {step}/{cfg.steps} loss {np.mean(losses[-25:]):.3f} "
-                    f"lr {_lr_at(step, cfg):.2e} scale {model.logit_scale.exp().item():.1f} "
-                    f"{time.time() - t0:.0f}s")
-    finally:
-        torch.use_deterministic_algorithms(False)
+    with torch_threads(cfg.threads):
+        try:
+            return _pretrain(out_path, cfg, log)
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+def _pretrain(out_path: Path | str, cfg: VLPConfig, log) -> Path:
+    import open_clip
+
+    model = open_clip.create_model(cfg.model_name)
+    model.train()
+    tok = open_clip.get_tokenizer(cfg.model_name)
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
+    loss_fn = open_clip.ClipLoss()
+    # open_clip's recipe: no weight decay on gains, biases, embeddings' scale and logit_scale
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "logit_scale" in n or "bn" in n or "ln" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
+                             {"params": decay, "weight_decay": cfg.weight_decay}],
+                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    t0 = time.time()
+    losses = []
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        images, texts = _batch(cfg, step, size, pp["mean"], pp["std"], tok)
+        img_f, txt_f, scale = model(images, texts)[:3]  # normalised features, logit_scale.exp()
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # CLIP clamps the learned temperature at 100
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        if step % 25 == 0 or step == cfg.steps - 1:
+            log(f"vlp step {step}/{cfg.steps} loss {np.mean(losses[-25:]):.3f} "
+                f"lr {_lr_at(step, cfg):.2e} scale {model.logit_scale.exp().item():.1f} "
+                f"{time.time() - t0:.0f}s")
     wall = time.time() - t0
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,22 +198,22 @@ def pair_labels(samples) -> tuple[list[str], np.ndarray]:
 
 @torch.no_grad()
 def zero_shot_scores(model_name: str, checkpoint: str | Path | None, samples, names: list[str],
-                     template: str = "a photo of a {}.", threads: int = 1,
+                     template: str = "a photo of a {}.", threads: int = 2,
                      jpeg_quality: int | None = 90) -> np.ndarray:
     """(N, C) cosine similarity of each image's CLIP embedding with each name's prompt."""
     from dart_core.backbone import FrozenBackbone
 
-    torch.set_num_threads(threads)
-    bb = FrozenBackbone(model_name, str(checkpoint) if checkpoint else None, prompt_template=template)
-    pp = bb.preprocess.transforms[-1]  # Normalize
-    size = bb.clip.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    txt = bb.text_embeddings(names)
-    out = []
-    for i in range(0, len(samples), 256):
-        x = _image_tensor([s.image for s in samples[i:i + 256]], pp.mean, pp.std, size, jpeg_quality)
-        out.append(F.normalize(bb.clip.encode_image(x).float(), dim=-1) @ txt.T)
-    return torch.cat(out).numpy()
+    with torch_threads(threads):
+        bb = FrozenBackbone(model_name, str(checkpoint) if checkpoint else None, prompt_template=template)
+        pp = bb.preprocess.transforms[-1]  # Normalize
+        size = bb.clip.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        txt = bb.text_embeddings(names)
+        out = []
+        for i in range(0, len(samples), 256):
+            x = _image_tensor([s.image for s in samples[i:i + 256]], pp.mean, pp.std, size, jpeg_quality)
+            out.append(F.normalize(bb.clip.encode_image(x).float(), dim=-1) @ txt.T)
+        return torch.cat(out).numpy()
 
 
 def zero_shot_report(checkpoint: str | Path | None, model_name: str = MODEL_NAME, n_images: int = 1000,
