@@ -28,22 +28,24 @@ def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0
 
 
 def wps_loss(patch_logits: torch.Tensor, prior_logits: torch.Tensor, labels: torch.Tensor,
-             lam: float, k_hard: int = 16) -> torch.Tensor:
+             lam: float, k_hard: int = 16, resp_scale: float = 1.0) -> torch.Tensor:
     """Weakly supervised Patch Selecting loss (Eq. 4 / C.11).
 
     patch_logits S̃ (B,P,C) and prior_logits S* (B,P,C) are already scaled by τ = CLIP's scale.
     Positive classes: -Σ_i (λ z*_i + (1-λ) z_i) log σ(S̃_i), with z = softmax_i(S̃) detached (the
     E-step responsibilities, C.3) and z* = softmax_i(S*) (C.4). Negative classes: -Σ over the k_hard
     patches with the largest S̃ (chosen without gradient, C.10) of log σ(-S̃_j). Unknown: nothing.
-    Summed over classes and patches, averaged over the batch."""
+    Summed over classes and patches, averaged over the batch. `resp_scale` multiplies the logits
+    inside the two softmaxes only: τ_wps / τ when the responsibilities' temperature differs from the
+    score scale (DARTConfig.wps_tau)."""
     B, P, C = patch_logits.shape
     if labels.shape != (B, C):
         raise ValueError(f"labels {tuple(labels.shape)} do not match scores (B={B}, C={C})")
     pos = (labels == 1).to(patch_logits.dtype)  # (B, C)
     neg = (labels == -1).to(patch_logits.dtype)
     with torch.no_grad():
-        z = torch.softmax(patch_logits.detach(), dim=1)  # Ẑ (C.3)
-        z_prior = torch.softmax(prior_logits.detach(), dim=1)  # Ẑ* (C.4)
+        z = torch.softmax(resp_scale * patch_logits.detach(), dim=1)  # Ẑ (C.3)
+        z_prior = torch.softmax(resp_scale * prior_logits.detach(), dim=1)  # Ẑ* (C.4)
         z_smooth = lam * z_prior + (1.0 - lam) * z  # Ẑ' (C.5)
     pos_term = -(z_smooth * F.logsigmoid(patch_logits)).sum(dim=1)  # (B, C)   (C.8)
     k = min(k_hard, P)
@@ -68,7 +70,8 @@ def total_loss(out, labels: torch.Tensor, lam: float, cfg) -> tuple[torch.Tensor
         loss = loss + cfg.gamma_penalty * pen
         parts["penalty"] = float(pen.detach())
         if cfg.use_wps:
-            wps = wps_loss(out.patch_logits, out.prior_logits, labels, lam, cfg.wps_k_hard)
+            resp_scale = cfg.wps_tau / out.extras["scale"] if cfg.wps_tau else 1.0
+            wps = wps_loss(out.patch_logits, out.prior_logits, labels, lam, cfg.wps_k_hard, resp_scale)
             loss = loss + cfg.gamma_wps * wps
             parts["wps"] = float(wps.detach())
     parts["total"] = float(loss.detach())

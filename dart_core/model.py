@@ -43,6 +43,10 @@ class DARTConfig:
     # losses (Eq. 1, Eq. 4)
     use_wps: bool = True
     gamma_wps: float = 5.0
+    # τ of the responsibilities Ẑ, Ẑ* (C.3-C.4). App. A: CLIP's learned temperature, fixed — that
+    # is None here (the backbone's logit_scale, 100 for CLIP). A number overrides it for a
+    # backbone whose learned scale is far from CLIP's (the world's VLP: 14); see docs/world.md.
+    wps_tau: Optional[float] = None
     gamma_penalty: float = 1.0
     wps_k_hard: int = 16
     ranking_margin: float = 1.0
@@ -186,4 +190,4 @@ class DART(nn.Module):
             else:
                 h = x_vis
             logits = s * torch.einsum("bcd,cd->bc", F.normalize(h, dim=-1), t)  # ŷ_c = s·cos(h^(c), t_c)
-        return DARTOutput(logits, patch_logits, prior, delta, topk, zero_shot)
+        return DARTOutput(logits, patch_logits, prior, delta, topk, zero_shot, {"scale": float(s)})

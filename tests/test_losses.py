@@ -82,3 +82,18 @@ def test_wps_rejects_mismatched_labels():
 def test_penalty_is_mean_absolute_value():
     d = torch.tensor([[[1.0, -3.0], [0.0, 4.0]]])
     assert penalty_loss(d).item() == pytest.approx(2.0)
+
+
+def test_wps_responsibility_temperature():
+    ln3 = math.log(3)
+    S = torch.tensor([[[0.0], [ln3]]])  # one positive class, two patches
+    S_star = torch.tensor([[[ln3], [0.0]]])
+    y = torch.tensor([[1]])
+    # resp_scale 2 sharpens both softmaxes: z = softmax([0, 2 ln3]) = [1/10, 9/10],
+    # z* = [9/10, 1/10]; λ = 0.25 -> z' = [0.25*0.9 + 0.75*0.1, 0.25*0.1 + 0.75*0.9] = [0.3, 0.7];
+    # the σ terms keep the unscaled S~.
+    expected = -(0.3 * _logsig(0.0) + 0.7 * _logsig(ln3))
+    assert wps_loss(S, S_star, y, 0.25, resp_scale=2.0).item() == pytest.approx(expected, rel=1e-6)
+    # resp_scale 1 is the plain loss: z = [1/4, 3/4], z* = [3/4, 1/4] -> z' = [3/8, 5/8]
+    plain = -(3 / 8 * _logsig(0.0) + 5 / 8 * _logsig(ln3))
+    assert wps_loss(S, S_star, y, 0.25).item() == pytest.approx(plain, rel=1e-6)

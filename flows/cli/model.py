@@ -30,6 +30,8 @@ def train(
     workers: int = typer.Option(0, help="DataLoader workers for decoding."),
     arm_layers: int = typer.Option(1),
     top_k: int = typer.Option(16),
+    wps_tau: float = typer.Option(0.0, help="Temperature of the WPS responsibilities (0: the backbone's learned logit scale, App. A)."),
+    lambda_end: float = typer.Option(0.0, help="WPS λ at the last step (annealed from 1; 1 keeps the VLP's prior responsibilities)."),
     no_arm: bool = typer.Option(False, help="Ablation: no ARM (Tab. 5)."),
     no_wps: bool = typer.Option(False, help="Ablation: no WPS loss (Tab. 5)."),
     no_atm: bool = typer.Option(False, help="Ablation: no ATM (Tab. 5)."),
@@ -51,8 +53,8 @@ def train(
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     model_cfg = dict(backbone=backbone, pretrained=None if pretrained.lower() == "none" else pretrained,
-                     arm_layers=arm_layers, top_k=top_k, use_arm=not no_arm, use_wps=not no_wps, use_atm=not no_atm)
-    train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr)
+                     arm_layers=arm_layers, top_k=top_k, wps_tau=wps_tau or None, use_arm=not no_arm, use_wps=not no_wps, use_atm=not no_atm)
+    train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun every rank trains; Prefect would start one flow run per rank
