@@ -73,6 +73,7 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
         steps_per_epoch: int | None = None, device: str = "cpu", log=print) -> list[dict]:
     """Train `model` on `data` for cfg.epochs; returns the per-step history (also in history.jsonl)."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # epochs=0 writes the untrained model (a baseline)
     rank, world = init_distributed()
     device = torch.device(device)
     if steps_per_epoch is None:

@@ -6,8 +6,10 @@ zero-shot baseline) -> evaluate (SQL) + localization -> audit. Tasks pass paths.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +17,10 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 DEMO_TRAIN = dict(epochs=12, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_epochs=1.0)
+# WPS responsibilities at CLIP's learned temperature, 100 (App. A fixes τ to the pretrained CLIP's):
+# the world's VLP never learned its own in 300 steps (it stays at the 1/0.07 = 14.3 it starts from),
+# and at 14 the softmax over 64 patches is too flat to select any (docs/world.md measures both).
+DEMO_MODEL = dict(wps_tau=100.0)
 
 
 def _log():
@@ -90,6 +96,19 @@ def crg_source_available() -> str:
     return "llm" if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)) else "similarity"
 
 
+def reuse_run_dir(run_dir: Path, spec: dict) -> Path:
+    """`run_dir`, kept if its spec.json equals `spec` (what the run was trained from), else emptied
+    and given that spec: a stale model is never reported under a new configuration."""
+    spec_file = run_dir / "spec.json"
+    same = spec_file.exists() and json.loads(spec_file.read_text()) == json.loads(json.dumps(spec))
+    if run_dir.exists() and not same:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not same:
+        spec_file.write_text(json.dumps(spec, sort_keys=True))
+    return run_dir
+
+
 def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | None, vlp: str, model_cfg: dict,
                 train_cfg: dict, crg_source: str = "file") -> dict:
     """Train one DART variant, annotate the test split, evaluate + localize."""
@@ -101,8 +120,12 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
 
     run_dir = workdir / "runs" / name
     ckpt = run_dir / "model.pt"
-    cfg = dict(backbone=MODEL_NAME, pretrained=vlp, **model_cfg)
-    if not ckpt.exists():
+    cfg = {"backbone": MODEL_NAME, "pretrained": vlp, **DEMO_MODEL, **model_cfg}
+    # A rerun reuses a variant's model only if it was trained from the same inputs; anything else
+    # (another VLP, CRG, config, demo version) starts that variant's folder afresh.
+    spec = {"model": cfg, "train": train_cfg, "crg_source": crg_source, "shards": shards,
+            "crg_sha256": hashlib.sha256(Path(crg).read_bytes()).hexdigest() if crg and crg_source == "file" else None}
+    if not reuse_run_dir(run_dir, spec).joinpath("model.pt").exists():  # (resumes from last.pt after a crash)
         train_flow(f"{shards}/train", classes, str(run_dir), cfg, train_cfg, crg, crg_source)
     pred = workdir / "predictions" / name
     annotate_flow(str(ckpt), f"{shards}/test", classes, str(pred), crg if crg_source == "file" else None,
@@ -152,6 +175,7 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
         variants = {
             "no_arm": ({"use_arm": False}, "file"), "no_wps": ({"use_wps": False}, "file"),
             "no_atm": ({"use_atm": False}, "file"), "crg_random": ({}, "random"),
+            "wps_tau_vlp": ({"wps_tau": None}, "file"),
             "crg_similarity": ({}, "similarity"),
         }
         for name, (mcfg, csrc) in variants.items():
@@ -166,9 +190,12 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
 
 def format_results(results: dict) -> str:
     rows = [("frozen VLP zero-shot", results["zero_shot"]), ("DART", results["dart"])]
-    for name in ("no_arm", "no_wps", "no_atm", "crg_random", "crg_similarity"):
+    labels = {"no_arm": "DART no ARM", "no_wps": "DART no WPS", "no_atm": "DART no ATM",
+              "crg_random": "DART random CRG", "crg_similarity": "DART similarity CRG",
+              "wps_tau_vlp": "DART WPS τ=VLP's"}
+    for name, label in labels.items():
         if name in results:
-            rows.append((f"DART {name.replace('_', ' ')}", results[name]))
+            rows.append((label, results[name]))
     head = (f"{'model':<24}{'ZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}   "
             f"{'GZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}")
     lines = [head]

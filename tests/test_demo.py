@@ -26,3 +26,23 @@ def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
     assert Path(res["report"]).read_text().count("<tr class='class'>") == 30
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["dart"]["checkpoint"].endswith("model.pt")
     assert "DART" in format_results(res)
+
+
+def test_demo_variant_is_retrained_when_its_inputs_change(tmp_path):
+    from flows.demo import reuse_run_dir
+
+    run = tmp_path / "runs" / "dart"
+    spec = {"model": {"wps_tau": 100.0, "pretrained": "/v.pt"}, "train": {"epochs": 12}, "crg_sha256": "ab"}
+    reuse_run_dir(run, spec)
+    (run / "model.pt").write_bytes(b"weights")
+    (run / "last.pt").write_bytes(b"state")
+    reuse_run_dir(run, json.loads(json.dumps(spec)))  # same inputs (also after a JSON round trip): kept
+    assert sorted(p.name for p in run.iterdir()) == ["last.pt", "model.pt", "spec.json"]
+    changed = {**spec, "model": {"wps_tau": None, "pretrained": "/v.pt"}}
+    reuse_run_dir(run, changed)  # another config: the old model must not be reported under it
+    assert sorted(p.name for p in run.iterdir()) == ["spec.json"]
+    assert json.loads((run / "spec.json").read_text()) == changed
+    (run / "model.pt").write_bytes(b"weights")
+    (run / "spec.json").unlink()  # a folder from before spec.json existed: not trusted
+    reuse_run_dir(run, changed)
+    assert sorted(p.name for p in run.iterdir()) == ["spec.json"]
