@@ -353,3 +353,24 @@ def test_pretrain_vlp_flow_is_cached_by_inputs(prefect_harness, tmp_path):
         runs = [tr for tr in client.read_task_runs()
                 if tr.name.startswith("pretrain-vlp") and tr.created >= started]
     assert sorted(tr.state.name for tr in runs) == ["Cached", "Completed", "Completed", "Completed"]
+
+
+# ---- the world's relations as a CRG ------------------------------------------------------------
+def test_world_crg_finds_the_rules_relations():
+    from dart_core.world.generator import UNSEEN
+    from dart_core.world.relations import world_crg
+
+    a, b = world_crg(800, seed=3), world_crg(800, seed=3)
+    assert a.neighbors == b.neighbors and a.scores == b.scores  # deterministic for a seed
+    assert a.source == "world" and set(a.neighbors) == set(a.class_ids) and len(a.class_ids) == 30
+    for cid, nbrs in a.neighbors.items():
+        assert len(nbrs) <= 8 and cid not in nbrs and not set(nbrs) & UNSEEN  # seen neighbours only
+        assert all(s > 1.0 for s in a.scores[cid])  # positive association only
+        assert a.scores[cid] == sorted(a.scores[cid], reverse=True)
+    # the rules: snowmen are drawn in winter and are white; a star belongs to the spiky family;
+    # a diamond to the angular one; a car's wheels are black circles
+    assert a.neighbors["snowman"][0] == "winter" and "white" in a.neighbors["snowman"][:3]
+    assert "spiky" in a.neighbors["star"][:2] and "angular" in a.neighbors["diamond"][:2]
+    assert {"black", "round"} <= set(a.neighbors["car"])
+    # never-co-occurring pairs are not neighbours (no yellow on the beach, no blue in winter)
+    assert "yellow" not in a.neighbors["beach"] and "blue" not in a.neighbors["winter"]
