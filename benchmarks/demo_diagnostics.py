@@ -4,6 +4,7 @@ an existing demo workdir (same shards, VLP and CRG), then per-class AP side by s
     dart demo --workdir demo                      # first: the workdir (shards, VLP, CRG, zero-shot)
     python benchmarks/demo_diagnostics.py demo init epochs3 tau_vlp lam1 lr1e3
     python benchmarks/demo_diagnostics.py demo --table dart no_arm no_wps no_atm   # per-class only
+    python benchmarks/demo_diagnostics.py demo --responsibilities   # how peaked the WPS prior is
 
 Each variant prints one line (ZSL / GZSL mAP, F1@3, F1@5, localization); `--table` prints the
 per-class AP (percent) of the frozen VLP and the named prediction folders, with seen / unseen means.
@@ -65,15 +66,51 @@ def per_class_table(workdir: Path, names: list[str]) -> str:
     return "\n".join(out)
 
 
+def responsibilities(workdir: Path, taus=(None, 100.0), n_images: int = 256) -> str:
+    """How many patches the WPS prior responsibilities Ẑ* (C.4) spread over, on training images'
+    positive classes, at the VLP's own temperature and at CLIP's: the mean largest responsibility,
+    the mass of the top 5 and the effective number of patches exp(entropy)."""
+    import glob
+
+    import torch
+
+    from dart_core.data.reader import make_loader
+    from dart_core.model import DART, DARTConfig
+    from dart_core.vocab import Vocabulary
+    from dart_core.world.vlp import MODEL_NAME
+
+    vlp = json.loads((workdir / "results.json").read_text())["vlp"]
+    seen = Vocabulary.read_csv(workdir / "shards" / "classes.csv").subset("seen")
+    m = DART(DARTConfig(backbone=MODEL_NAME, pretrained=vlp, use_arm=False, use_atm=False))
+    m.set_classes(list(seen.names))
+    x, y = next(iter(make_loader(str(workdir / "shards" / "train"), seen, m.backbone.preprocess, n_images,
+                                 train=False, num_workers=0)))[:2]
+    with torch.no_grad():
+        out = m(x)
+    s, pos, lines = out.extras["scale"], y == 1, []
+    for tau in taus:
+        t = tau or s
+        z = torch.softmax(out.prior_logits * (t / s), dim=1)  # (B, P, C)
+        eff = (-(z * z.clamp_min(1e-12).log()).sum(1)).exp()[pos]
+        lines.append(f"τ = {t:5.1f}: largest responsibility {z.max(1).values[pos].mean():.3f}, top-5 mass "
+                     f"{z.topk(5, dim=1).values.sum(1)[pos].mean():.3f}, effective patches {eff.mean():.1f} "
+                     f"of {z.shape[1]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from flows.demo import DEMO_TRAIN, run_variant
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdir")
-    ap.add_argument("names", nargs="+")
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--responsibilities", action="store_true", help="only print how peaked Ẑ* is at τ = VLP's and 100")
     ap.add_argument("--table", action="store_true", help="only print the per-class AP of these prediction folders")
     a = ap.parse_args()
     wd = Path(a.workdir).resolve()
+    if a.responsibilities:
+        print(responsibilities(wd))
+        return
     if a.table:
         print(per_class_table(wd, a.names))
         return
