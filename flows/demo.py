@@ -97,6 +97,16 @@ def crg_source_available() -> str:
     return "llm" if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)) else "similarity"
 
 
+def training_code_hash() -> str:
+    """What a trained variant also depends on: the model and training code."""
+    import dart_core
+
+    h = hashlib.sha256()
+    for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"):
+        h.update((Path(dart_core.__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def reuse_run_dir(run_dir: Path, spec: dict) -> Path:
     """`run_dir`, kept if its spec.json equals `spec` (what the run was trained from), else emptied
     and given that spec: a stale model is never reported under a new configuration."""
@@ -123,8 +133,8 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     ckpt = run_dir / "model.pt"
     cfg = {"backbone": MODEL_NAME, "pretrained": vlp, **DEMO_MODEL, **model_cfg}
     # A rerun reuses a variant's model only if it was trained from the same inputs; anything else
-    # (another VLP, CRG, config, demo version) starts that variant's folder afresh.
-    spec = {"model": cfg, "train": train_cfg, "crg_source": crg_source, "shards": shards,
+    # (another VLP, CRG, config, training code) starts that variant's folder afresh.
+    spec = {"model": cfg, "train": train_cfg, "crg_source": crg_source, "shards": shards, "code": training_code_hash(),
             "crg_sha256": hashlib.sha256(Path(crg).read_bytes()).hexdigest() if crg and crg_source == "file" else None}
     if not reuse_run_dir(run_dir, spec).joinpath("model.pt").exists():  # (resumes from last.pt after a crash)
         train_flow(f"{shards}/train", classes, str(run_dir), cfg, train_cfg, crg, crg_source)

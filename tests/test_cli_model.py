@@ -47,3 +47,26 @@ def test_dart_info_counts(tiny_clip_ckpt):
     c = DART(DARTConfig(backbone="dart-tiny-vit", pretrained=None)).parameter_counts()
     assert f"trainable: {c['trainable'] / 1e6:.2f}M" in r.output
     assert f"vision tower + trainable (the paper's Tab. 7 'Param' counting): {(c['vision_tower'] + c['trainable']) / 1e6:.1f}M" in r.output
+
+
+def test_training_is_reproducible_whatever_ran_before(tmp_path, tiny_clip_ckpt):
+    import torch
+
+    from dart_core.checkpoint import read_checkpoint
+    from dart_core.model import DARTConfig
+    from dart_core.train import TrainConfig, train_on_shards
+    from dart_core.vocab import Vocabulary
+
+    vocab = Vocabulary.from_names(list(COLOURS), unseen={"yellow"})
+    make_shards(tmp_path / "shards")
+    cfg = DARTConfig(backbone="dart-tiny-vit", pretrained=tiny_clip_ckpt, top_k=4)
+    states = []
+    for run, noise in (("a", 0), ("b", 7)):
+        torch.rand(noise)  # other work in the same process draws from the global RNG first
+        ckpt = train_on_shards(str(tmp_path / "shards"), vocab, tmp_path / run, cfg,
+                               TrainConfig(epochs=1, batch_size=4, log_every=100), n_samples=24,
+                               crg_source="similarity", log=lambda m: None)
+        states.append(read_checkpoint(ckpt)["state_dict"])
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 10
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
