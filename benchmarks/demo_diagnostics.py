@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("names", nargs="*")
     ap.add_argument("--responsibilities", action="store_true", help="only print how peaked Ẑ* is at τ = VLP's and 100")
     ap.add_argument("--table", action="store_true", help="only print the per-class AP of these prediction folders")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     wd = Path(a.workdir).resolve()
     if a.responsibilities:
         print(responsibilities(wd))
