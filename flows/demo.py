@@ -136,7 +136,8 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     # (another VLP, CRG, config, training code) starts that variant's folder afresh.
     spec = {"model": cfg, "train": train_cfg, "crg_source": crg_source, "shards": shards, "code": training_code_hash(),
             "crg_sha256": hashlib.sha256(Path(crg).read_bytes()).hexdigest() if crg and crg_source == "file" else None}
-    if not reuse_run_dir(run_dir, spec).joinpath("model.pt").exists():  # (resumes from last.pt after a crash)
+    reuse_run_dir(run_dir, spec)
+    if not ckpt.exists():  # a crashed run resumes from its last.pt
         train_flow(f"{shards}/train", classes, str(run_dir), cfg, train_cfg, crg, crg_source)
     pred = workdir / "predictions" / name
     annotate_flow(str(ckpt), f"{shards}/test", classes, str(pred), crg if crg_source == "file" else None,
