@@ -70,11 +70,10 @@ def responsibilities(workdir: Path, taus=(None, 100.0), n_images: int = 256) -> 
     """How many patches the WPS prior responsibilities Ẑ* (C.4) spread over, on training images'
     positive classes, at the VLP's own temperature and at CLIP's: the mean largest responsibility,
     the mass of the top 5 and the effective number of patches exp(entropy)."""
-    import glob
-
     import torch
 
     from dart_core.data.reader import make_loader
+    from dart_core.losses import responsibilities as wps_responsibilities
     from dart_core.model import DART, DARTConfig
     from dart_core.vocab import Vocabulary
     from dart_core.world.vlp import MODEL_NAME
@@ -90,7 +89,7 @@ def responsibilities(workdir: Path, taus=(None, 100.0), n_images: int = 256) -> 
     s, pos, lines = out.extras["scale"], y == 1, []
     for tau in taus:
         t = tau or s
-        z = torch.softmax(out.prior_logits * (t / s), dim=1)  # (B, P, C)
+        z = wps_responsibilities(out.prior_logits, t / s)  # Ẑ*, (B, P, C)
         eff = (-(z * z.clamp_min(1e-12).log()).sum(1)).exp()[pos]
         lines.append(f"τ = {t:5.1f}: largest responsibility {z.max(1).values[pos].mean():.3f}, top-5 mass "
                      f"{z.topk(5, dim=1).values.sum(1)[pos].mean():.3f}, effective patches {eff.mean():.1f} "

@@ -27,6 +27,12 @@ def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0
     return per_image.mean()
 
 
+def responsibilities(patch_logits: torch.Tensor, resp_scale: float = 1.0) -> torch.Tensor:
+    """softmax over the patches (dim 1) of resp_scale × the scaled scores: Ẑ (C.3) from S̃, Ẑ* (C.4)
+    from S*. resp_scale = τ_wps / τ when the temperature differs from the score scale."""
+    return torch.softmax(resp_scale * patch_logits.detach(), dim=1)
+
+
 def wps_loss(patch_logits: torch.Tensor, prior_logits: torch.Tensor, labels: torch.Tensor,
              lam: float, k_hard: int = 16, resp_scale: float = 1.0) -> torch.Tensor:
     """Weakly supervised Patch Selecting loss (Eq. 4 / C.11).
@@ -44,8 +50,8 @@ def wps_loss(patch_logits: torch.Tensor, prior_logits: torch.Tensor, labels: tor
     pos = (labels == 1).to(patch_logits.dtype)  # (B, C)
     neg = (labels == -1).to(patch_logits.dtype)
     with torch.no_grad():
-        z = torch.softmax(resp_scale * patch_logits.detach(), dim=1)  # Ẑ (C.3)
-        z_prior = torch.softmax(resp_scale * prior_logits.detach(), dim=1)  # Ẑ* (C.4)
+        z = responsibilities(patch_logits, resp_scale)  # Ẑ (C.3)
+        z_prior = responsibilities(prior_logits, resp_scale)  # Ẑ* (C.4)
         z_smooth = lam * z_prior + (1.0 - lam) * z  # Ẑ' (C.5)
     pos_term = -(z_smooth * F.logsigmoid(patch_logits)).sum(dim=1)  # (B, C)   (C.8)
     k = min(k_hard, P)

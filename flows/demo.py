@@ -100,11 +100,10 @@ def crg_source_available() -> str:
 def training_code_hash() -> str:
     """What a trained variant also depends on: the model and training code."""
     import dart_core
+    from flows.vlp import files_hash
 
-    h = hashlib.sha256()
-    for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"):
-        h.update((Path(dart_core.__file__).parent / name).read_bytes())
-    return h.hexdigest()[:16]
+    root = Path(dart_core.__file__).parent
+    return files_hash(root / n for n in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"))
 
 
 def reuse_run_dir(run_dir: Path, spec: dict) -> Path:
