@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dart demo
 
 test: $(STAMP)
+	bash infra/ensure-chromium.sh
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -72,7 +72,7 @@ def test_audit_report_renders_in_headless_chromium(world, tmp_path, prefect_harn
     from flows.evaluate import audit_flow
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Chromium is needed for this test (.ci/run installs Debian's chromium)"
+    assert chromium, "Chromium is needed for this test (make test installs Debian's chromium: infra/ensure-chromium.sh)"
     pred = tmp_path / "pred"
     annotate_flow(world["checkpoint"], world["shards"], world["classes"], str(pred), world["crg"], batch_size=8)
     page = Path(audit_flow(str(pred), str(tmp_path / "report"), top=1, limit=10))
