@@ -46,7 +46,9 @@ def ap_per_class(con, zsl: bool) -> None:
 
 
 def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
-    """{"zsl"|"gzsl": {"mAP": .., "P@k": .., "R@k": .., "F1@k": .., "images": n, "classes": n}} as fractions."""
+    """{"zsl"|"gzsl": {"mAP": .., "P@k": .., "R@k": .., "F1@k": .., "images": n, "classes": n},
+    "seen": {"mAP": .., "classes": n}} as fractions; "seen" is the mAP of the seen classes alone
+    (the classes a model was trained on), present when the vocabulary has unseen classes."""
     con = connect(pred_dir)
     has_unseen = con.execute("SELECT count(*) FROM vocab WHERE unseen").fetchone()[0] > 0
     out = {}
@@ -54,7 +56,7 @@ def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
         if zsl and not has_unseen:
             continue
         ap_per_class(con, zsl)
-        set_vars(con, legacy=legacy)
+        set_vars(con, legacy=legacy, seen_only=False)
         m, with_pos, n_classes = con.execute(sqlfiles.load("eval_map")).fetchone()
         row = {"mAP": float("nan") if m is None else float(m), "classes": int(n_classes),
                "classes_with_positives": int(with_pos)}
@@ -63,6 +65,10 @@ def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
             row.update({f"P@{k}": p, f"R@{k}": r, f"F1@{k}": f1})
             row["images"] = int(n_images)
         out[setting] = row
+    if has_unseen:  # ap_per_class holds the GZSL classes now
+        m, with_pos, n_classes = run(con, "eval_map", legacy=legacy, seen_only=True).fetchone()
+        out["seen"] = {"mAP": float("nan") if m is None else float(m), "classes": int(n_classes),
+                       "classes_with_positives": int(with_pos)}
     return out
 
 
@@ -70,7 +76,8 @@ def format_table(results: dict, ks) -> str:
     cols = ["mAP"] + [f"{m}@{k}" for k in ks for m in ("P", "R", "F1")]
     lines = ["setting  " + "  ".join(f"{c:>7}" for c in cols)]
     for setting, row in results.items():
-        lines.append(f"{setting.upper():<7}  " + "  ".join(f"{100 * row[c]:7.2f}" for c in cols))
+        lines.append(f"{setting.upper():<7}  " + "  ".join(f"{100 * row[c]:7.2f}" if c in row else f"{'':>7}"
+                                                          for c in cols))
     return "\n".join(lines)
 
 

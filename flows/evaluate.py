@@ -31,7 +31,8 @@ def write_eval(res: dict, json_out: str) -> None:
         w = csv.writer(f)
         w.writerow(["setting"] + cols)
         for setting, row in res.items():
-            w.writerow([setting] + [round(100 * row[c], 4) if c in ("mAP",) or "@" in c else row[c] for c in cols])
+            w.writerow([setting] + ["" if c not in row else round(100 * row[c], 4) if c == "mAP" or "@" in c
+                                    else row[c] for c in cols])
 
 
 @flow(name="audit")

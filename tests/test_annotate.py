@@ -78,6 +78,9 @@ def test_sql_evaluation_equals_dart_core_metrics(world, tmp_path, prefect_harnes
     for setting in ("zsl", "gzsl"):
         for key, value in ref[setting].items():
             assert got[setting][key] == pytest.approx(value, abs=1e-9), (setting, key)
+    # the seen classes' mAP (what training optimises) beside the two settings
+    assert got["seen"]["mAP"] == pytest.approx(metrics.mean_average_precision(S[:, :3], Y[:, :3]), abs=1e-9)
+    assert got["seen"]["classes"] == 3
     legacy_ref = metrics.mean_average_precision(S, Y, empty_as_zero=True)
     assert evaluate(out, ks=(1,), legacy=True)["gzsl"]["mAP"] == pytest.approx(legacy_ref)
 
