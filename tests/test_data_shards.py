@@ -140,6 +140,29 @@ def test_reader_train_shuffles_and_drops_last(folder_run):
     assert sorted(full) == sorted(exp["ok"])
 
 
+def test_validation_holdout_is_disjoint_stable_and_per_shard(folder_run):
+    from dart_core.data.reader import is_validation
+
+    root, exp, _ = folder_run
+    vocab = Vocabulary.read_csv(root / "out" / "classes.csv")
+    pre = lambda im: torch.zeros(3, 2, 2)
+    urls = list_shards(str(root / "out" / "train"))
+    held = urls[:2]
+
+    def keys(**kw):
+        return [k for b in make_loader(urls if "holdout" not in kw or kw["holdout"][1] is False else held, vocab,
+                                       pre, 3, drop_last=False, **kw) for k in b[2]]
+
+    train = keys(train=True, holdout=(0.5, False, held), num_workers=2)
+    val = keys(train=False, holdout=(0.5, True, held), all_ranks=True)
+    assert val and not set(train) & set(val) and sorted(train + val) == sorted(exp["ok"])
+    in_held = {k for b in make_loader(held, vocab, pre, 64, train=False) for k in b[2]}
+    # exactly the held-out shards' keys that hash below the share, every time
+    assert sorted(val) == sorted(k for k in in_held if is_validation(k, 0.5))
+    assert keys(train=False, holdout=(0.5, True, held), all_ranks=True) == val
+    assert not is_validation("any", 0.0) and is_validation("any", 1.0)
+
+
 def _small_folder(root: Path, names: list[str], label: str = "cat") -> None:
     root.mkdir(parents=True, exist_ok=True)
     for i, n in enumerate(names):

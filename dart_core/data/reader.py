@@ -47,6 +47,27 @@ def list_shards(root: str, lister: Callable[[str], list[str]] | None = None) -> 
     return [f"{root}{sep}{i}.tar" if "://" in root else str(Path(root, f"{i}.tar")) for i in ids]
 
 
+def is_validation(key: str, share: float) -> bool:
+    """A stable hold-out: the sample whose key hashes below `share` belongs to the validation slice,
+    in every run, on every rank, whatever the shard layout (sha1 of the key, first 8 hex digits)."""
+    import hashlib
+
+    return share > 0 and int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < share * 0x100000000
+
+
+class _KeyFilter:
+    """Picklable select stage: keep the samples whose held-out flag equals `validation`; only the
+    shards in `urls` hold out samples (None: every shard)."""
+
+    def __init__(self, share: float, validation: bool, urls=None):
+        self.share, self.validation = share, validation
+        self.urls = None if urls is None else frozenset(to_wds_url(str(u)) for u in urls)
+
+    def __call__(self, sample: dict) -> bool:
+        held = (self.urls is None or sample.get("__url__") in self.urls) and is_validation(sample["__key__"], self.share)
+        return held == self.validation
+
+
 def to_wds_url(url: str) -> str:
     if url.startswith("s3://"):
         return f"pipe:{shlex.quote(sys.executable)} -m flows.storage cat {shlex.quote(url)}"
@@ -99,7 +120,8 @@ def _valid_member(sample: dict) -> bool:
 
 def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train: bool,
                 shuffle_buffer: int = 1000, num_workers: int = 0, seed: int = 0,
-                drop_last: bool | None = None) -> Iterable:
+                drop_last: bool | None = None, holdout: tuple | None = None,
+                all_ranks: bool = False) -> Iterable:
     """Batches (images (B,3,H,W) float, labels (B,len(vocab)) int8 in {-1,0,1}, keys list[str]).
 
     train=True: shards shuffled (seeded), split by node (torch.distributed rank / world size, or
@@ -108,6 +130,9 @@ def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train
     train=False: no shuffling; each shard goes whole to exactly one (node, worker) — shard i to
     flat worker i mod (world_size*num_workers) — and is read in order, so every sample is yielded
     exactly once across all ranks and workers; the last partial batch is kept unless drop_last=True.
+    holdout=(share, validation[, shard urls]): only the samples outside (False) or inside (True) the
+    validation slice `is_validation(key, share)` of the given shards (default: all). all_ranks=True (train=False only): this process reads every
+    shard whatever its rank (rank 0 scoring the validation slice alone).
     """
     import webdataset as wds
 
@@ -119,7 +144,10 @@ def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train
         stages = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker,
                   wds.tarfile_to_samples(), wds.select(_valid_member), wds.shuffle(shuffle_buffer, seed=seed)]
     else:
-        stages = [wds.SimpleShardList(urls), _split_eval, wds.tarfile_to_samples(), wds.select(_valid_member)]
+        split = wds.split_by_worker if all_ranks else _split_eval
+        stages = [wds.SimpleShardList(urls), split, wds.tarfile_to_samples(), wds.select(_valid_member)]
+    if holdout is not None and holdout[0] > 0:
+        stages.append(wds.select(_KeyFilter(*holdout)))
     stages += [wds.map(_Sample(vocab, preprocess)),
                wds.batched(batch_size, collation_fn=_collate, partial=not drop_last)]
     pipeline = wds.DataPipeline(*stages)
