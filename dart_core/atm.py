@@ -18,7 +18,7 @@ from torch_geometric.nn import GATv2Conv
 
 
 class GATv2Residual(nn.Module):
-    def __init__(self, dim: int, heads: int = 4, layerscale_init: float = 0.1):
+    def __init__(self, dim: int, heads: int = 4, layerscale_init: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"ATM dim {dim} is not divisible by gat_heads={heads}")

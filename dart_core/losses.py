@@ -27,6 +27,32 @@ def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0
     return per_image.mean()
 
 
+def class_ranking_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """The same pairwise hinge across images instead of across classes: for each class, the sum over
+    (negative image i, positive image j) of relu(margin + s_i - s_j) divided by the number of
+    violating pairs (0 when none); mean over the classes that have both a positive and a negative in
+    the batch. It ranks each class's images, which is what mAP measures.
+
+    Computed without the (C, B, B) pair tensor: per class the negatives' scores are sorted once, and
+    each positive's violators (s_i > s_j - margin) are a suffix found by searchsorted, whose sum is a
+    suffix sum — O(C·B log B) memory-light, exact (tested against the pairwise form)."""
+    s = scores.t()  # (C, B)
+    pos, neg = labels.t() == 1, labels.t() == -1
+    n_neg, n_pos = neg.sum(1), pos.sum(1)
+    # non-negatives sit below every threshold s_j - margin, so no suffix ever includes them
+    floor = s.detach().min() - abs(margin) - 1.0
+    neg_sorted, _ = torch.where(neg, s, floor).sort(dim=1)  # ascending, (C, B)
+    suffix = torch.cat([neg_sorted.flip(1).cumsum(1).flip(1), torch.zeros_like(s[:, :1])], dim=1)  # (C, B+1)
+    threshold = (s - margin).detach().contiguous()
+    first = torch.searchsorted(neg_sorted.detach().contiguous(), threshold, right=True)  # (C, B)
+    count = (s.shape[1] - first).to(s.dtype) * pos  # violators of each positive j
+    hinge = (count * (margin - s) + suffix.gather(1, first) * pos).sum(1)
+    violating = count.sum(1)
+    valid = (n_pos > 0) & (n_neg > 0)
+    per_class = hinge / violating.clamp(min=1)
+    return per_class[valid].sum() / valid.sum().clamp(min=1)
+
+
 def responsibilities(patch_logits: torch.Tensor, resp_scale: float = 1.0) -> torch.Tensor:
     """softmax over the patches (dim 1) of resp_scale × the scaled scores: Ẑ (C.3) from S̃, Ẑ* (C.4)
     from S*. resp_scale = τ_wps / τ when the temperature differs from the score scale."""
@@ -34,7 +60,7 @@ def responsibilities(patch_logits: torch.Tensor, resp_scale: float = 1.0) -> tor
 
 
 def wps_loss(patch_logits: torch.Tensor, prior_logits: torch.Tensor, labels: torch.Tensor,
-             lam: float, k_hard: int = 16, resp_scale: float = 1.0) -> torch.Tensor:
+             lam: float, k_hard: int = 16, resp_scale: float = 1.0, reduction: str = "sum") -> torch.Tensor:
     """Weakly supervised Patch Selecting loss (Eq. 4 / C.11).
 
     patch_logits S̃ (B,P,C) and prior_logits S* (B,P,C) are already scaled by τ = CLIP's scale.
@@ -58,27 +84,82 @@ def wps_loss(patch_logits: torch.Tensor, prior_logits: torch.Tensor, labels: tor
     hard_idx = patch_logits.detach().topk(k, dim=1).indices  # sg[S̃] top-K  (C.10)
     hard = patch_logits.gather(1, hard_idx)
     neg_term = -F.logsigmoid(-hard).sum(dim=1)  # (B, C)   (C.9-C.10)
+    if reduction == "mean":  # one unit per known (image, class) pair: its responsibilities sum to 1,
+        # its hard negatives are averaged
+        per_pair = pos_term * pos + neg_term * neg / k
+        return per_pair.sum() / (pos + neg).sum().clamp(min=1)
     return ((pos_term * pos + neg_term * neg).sum(dim=1)).mean()
 
 
-def penalty_loss(delta: torch.Tensor) -> torch.Tensor:
-    """L_penalty = ||Δx̃||₁ as a mean absolute value (Eq. 1; DESIGN.md)."""
-    return delta.abs().mean()
+def penalty_loss(delta: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """L_penalty = ||Δx̃||₁ (Eq. 1): the mean absolute value, or, with `reference` (x_orig), each
+    patch's ||Δx̃||₁ / ||x_orig||₁ averaged — the refinement's size relative to the feature it refines."""
+    if reference is None:
+        return delta.abs().mean()
+    return (delta.abs().sum(-1) / reference.abs().sum(-1).clamp(min=1e-6)).mean()
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_batch(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t`, in rank order, with gradients flowing back to each rank's own rows
+    (a no-op in one process). Terms that compare images (per-class ranking, the per-class WPS
+    threshold) thus see the global batch under DDP, as one process with the whole batch would."""
+    if _world() == 1:
+        return t
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    if t.requires_grad:
+        out = torch.cat(dist_nn.all_gather(t), dim=0)
+        # the backward sends each rank its rows' gradient with an all-to-all that reads the memory
+        # as laid out: a transposed (non-contiguous) gradient would arrive scrambled
+        out.register_hook(lambda g: g.contiguous())
+        return out
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def loss_terms(out, labels: torch.Tensor, lam: float, cfg) -> dict[str, tuple[float, torch.Tensor]]:
+    """The terms of Eq. 1 as {name: (weight, unweighted value)}; `out` is a DARTOutput, `cfg` a
+    DARTConfig. L_clsf is the per-image ranking ("rank") and/or the per-class one ("rank_class")."""
+    s = out.extras["scale"]
+    scores = out.logits
+    if cfg.rank_on == "cos":
+        scores = scores / s
+    elif cfg.rank_on == "normalized":
+        scores = F.normalize(scores, dim=1)
+    terms = {}
+    if cfg.rank_image_weight:
+        terms["rank"] = (cfg.rank_image_weight, ranking_loss(scores, labels, cfg.ranking_margin))
+    if cfg.rank_class_weight:
+        terms["rank_class"] = (cfg.rank_class_weight,
+                               class_ranking_loss(gather_batch(scores), gather_batch(labels), cfg.ranking_margin))
+    if cfg.use_arm:
+        ref = out.extras.get("x_orig") if cfg.penalty == "relative" else None
+        terms["penalty"] = (cfg.gamma_penalty, penalty_loss(out.delta, ref))
+        if cfg.use_wps:
+            tau = cfg.wps_tau or s
+            beta = cfg.wps_sigmoid_scale or s  # the sigmoid sees beta·cos, the softmax tau·cos
+            k = cfg.patches_to_keep(out.patch_logits.shape[1], cfg.wps_hard_share)
+            sl, pl = out.patch_logits * (beta / s), out.prior_logits * (beta / s)
+            if cfg.wps_threshold == "class":
+                theta = gather_batch(pl.detach().amax(dim=1)).mean(dim=0)  # (C,) over the global batch
+                sl, pl = sl - theta, pl - theta  # softmax over patches is unchanged by the shift
+            terms["wps"] = (cfg.gamma_wps, wps_loss(sl, pl, labels, lam, k, tau / beta, cfg.wps_reduction))
+    return terms
 
 
 def total_loss(out, labels: torch.Tensor, lam: float, cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 1: L = L_rank + γ_wps·L_wps + γ_pen·L_penalty. `out` is a DARTOutput, `cfg` a DARTConfig."""
-    rank = ranking_loss(out.logits, labels, cfg.ranking_margin)
-    loss = rank
-    parts = {"rank": float(rank.detach())}
-    if cfg.use_arm:
-        pen = penalty_loss(out.delta)
-        loss = loss + cfg.gamma_penalty * pen
-        parts["penalty"] = float(pen.detach())
-        if cfg.use_wps:
-            resp_scale = cfg.wps_tau / out.extras["scale"] if cfg.wps_tau else 1.0
-            wps = wps_loss(out.patch_logits, out.prior_logits, labels, lam, cfg.wps_k_hard, resp_scale)
-            loss = loss + cfg.gamma_wps * wps
-            parts["wps"] = float(wps.detach())
+    """Eq. 1: L = L_clsf + γ_wps·L_wps + γ_pen·L_penalty; returns the loss and each unweighted term
+    (and the total) as floats."""
+    terms = loss_terms(out, labels, lam, cfg)
+    loss = sum(w * t for w, t in terms.values())
+    parts = {name: float(t.detach()) for name, (_, t) in terms.items()}
     parts["total"] = float(loss.detach())
     return loss, parts

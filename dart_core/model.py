@@ -31,8 +31,13 @@ class DARTConfig:
     lora_r: int = 32
     lora_alpha: int = 128
     arm_ffn_hidden: Optional[int] = None  # default: backbone width
-    # aggregation (Sec. 3.1, App. D.2 Fig. 7c)
-    top_k: int = 16
+    # aggregation (Sec. 3.1, App. D.2 Fig. 7c): K = round(share × patches), at least 1 — the paper's
+    # K = 16 of ViT-B/16's 14×14 = 196 patches, as a share that means the same on any grid.
+    top_k_share: float = 16 / 196
+    # x_vis^(c) = g + α ⊙ p_c (g, p_c normalised): α weighs the top-K patch evidence, one weight per
+    # dimension ("vector") or one in all ("scalar"); it starts at zero, so an untrained DART
+    # scores exactly as the frozen VLP (docs/model.md).
+    patch_gate: str = "vector"
     # ATM (Sec. 3.4, App. A/C)
     use_atm: bool = True
     atm_layers: int = 2
@@ -40,16 +45,45 @@ class DARTConfig:
     # Inference only: run fusion + MM-ATM on each image's top-M classes by the pre-ATM score
     # (0 = every class, exact). Bounds the cost at large vocabularies; see README / benchmark.
     mm_candidates: int = 0
-    # losses (Eq. 1, Eq. 4)
+    # L_clsf (Eq. 1): w_image × the per-image pairwise ranking (MKT's; serves F1@K) + w_class × the
+    # same hinge across the batch's images per class (serves mAP), on the scores s·cos ("logits"),
+    # on cosines ("cos") or on each image's L2-normalised score vector ("normalized", as MKT).
+    rank_image_weight: float = 1.0
+    rank_class_weight: float = 1.0
+    rank_on: str = "logits"
+    ranking_margin: float = 1.0
+    # L_wps (Eq. 4)
     use_wps: bool = True
     gamma_wps: float = 5.0
-    # τ of the responsibilities Ẑ, Ẑ* (C.3-C.4). App. A: CLIP's learned temperature, fixed — that
-    # is None here (the backbone's logit_scale, 100 for CLIP). A number overrides it for a
-    # backbone whose learned scale is far from CLIP's (the world's VLP: 14); see docs/world.md.
-    wps_tau: Optional[float] = None
+    # τ of the responsibilities Ẑ, Ẑ* (C.3-C.4). App. A: "the learned temperature value of the
+    # pre-trained CLIP", fixed: 100. None = the backbone's own logit scale (the world's VLP: 14).
+    wps_tau: Optional[float] = 100.0
+    wps_hard_share: float = 16 / 196  # hard negatives per class, as a share of the patches (K=16 of 196)
+    # log σ(·) sees β·cos − θ_c: β = the score scale (None) or a number; θ_c ("class") the batch's
+    # mean best-patch prior score of class c, so that σ = 1/2 sits between present and absent
+    # instead of at cos = 0, which every CLIP-like patch exceeds ("none": Eq. 4 as written).
+    wps_sigmoid_scale: Optional[float] = None
+    wps_threshold: str = "class"
+    wps_reduction: str = "mean"  # one unit per known (image, class) pair; "sum" = Eq. 4 as written
+    # L_penalty (Eq. 1): "relative" ||Δx̃||₁ / ||x_orig||₁ per patch (dimensionless, the same meaning
+    # on any backbone) or "mean" |Δx̃|
+    penalty: str = "relative"
     gamma_penalty: float = 1.0
-    wps_k_hard: int = 16
-    ranking_margin: float = 1.0
+
+    CHOICES = {"patch_gate": ("vector", "scalar"), "rank_on": ("logits", "cos", "normalized"),
+               "wps_threshold": ("class", "none"), "wps_reduction": ("mean", "sum"),
+               "penalty": ("relative", "mean")}
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DART config {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("top_k_share", "wps_hard_share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"DART config {name}={getattr(self, name)!r}: a share of the patches, in (0, 1]")
+
+    def patches_to_keep(self, n_patches: int, share: float) -> int:
+        return max(1, min(n_patches, round(share * n_patches)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +116,7 @@ class DART(nn.Module):
         D = self.backbone.embed_dim
         self.arm = ARM(self.backbone, cfg.arm_layers, cfg.lora_r, cfg.lora_alpha, cfg.arm_ffn_hidden) if cfg.use_arm else None
         self.atm = ATM(D, cfg.gat_heads, cfg.atm_layers) if cfg.use_atm else None
+        self.patch_gate = nn.Parameter(torch.zeros(1 if cfg.patch_gate == "scalar" else D))  # α, starts at 0
         self.scale = self.backbone.logit_scale
         self.register_buffer("text", torch.zeros(0, D), persistent=False)
         self.register_buffer("edge_index", torch.zeros(2, 0, dtype=torch.long), persistent=False)
@@ -146,6 +181,24 @@ class DART(nn.Module):
             self._h_txt_cache = cached
         return cached[1]
 
+    def select_patches(self, patch_logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, K): each class's top-K patches by S̃ (chosen without gradient), K a share of the grid."""
+        K = self.cfg.patches_to_keep(patch_logits.shape[1], self.cfg.top_k_share)
+        return patch_logits.detach().topk(K, dim=1).indices.transpose(1, 2)
+
+    def class_attentive(self, x_ref_n: torch.Tensor, g: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+        """x_vis^(c) = g + α·p_c, (B, C, D): p_c the normalised mean of class c's top-K refined patches
+        (normalised features x_ref_n (B, P, D)), g the normalised global feature (B, D), α the learnt
+        weight of the patch evidence (zero at init, so DART starts as the frozen VLP)."""
+        B, P, _ = x_ref_n.shape
+        K = topk.shape[2]
+        # mean of the selected patches as a (B, C, P) averaging matrix times (B, P, D): never
+        # materialises the (B, C, K, D) gather.
+        weights = torch.zeros(B, topk.shape[1], P, device=x_ref_n.device, dtype=x_ref_n.dtype)
+        weights.scatter_(2, topk, 1.0 / K)
+        p_c = F.normalize(torch.bmm(weights, x_ref_n), dim=-1)
+        return g.unsqueeze(1) + self.patch_gate * p_c
+
     def forward(self, images: torch.Tensor, with_priors: bool = True) -> DARTOutput:
         if self.text.shape[0] == 0:
             raise RuntimeError("call set_classes() before scoring")
@@ -166,14 +219,8 @@ class DART(nn.Module):
             prior = s * F.normalize(x_orig, dim=-1) @ t.T if with_priors else patch_logits.detach()  # S*
             g = F.normalize(feats.global_feature.float(), dim=-1)
             zero_shot = s * g @ t.T
-        K = min(self.cfg.top_k, patch_logits.shape[1])
-        topk = patch_logits.detach().topk(K, dim=1).indices.transpose(1, 2)  # (B, C, K)
-        # mean of the selected patches as a (B, C, P) averaging matrix times (B, P, D): never
-        # materialises the (B, C, K, D) gather.
-        B, P, _ = x_ref_n.shape
-        weights = torch.zeros(B, t.shape[0], P, device=x_ref_n.device, dtype=x_ref_n.dtype)
-        weights.scatter_(2, topk, 1.0 / K)
-        x_vis = F.normalize(torch.bmm(weights, x_ref_n), dim=-1) + g.unsqueeze(1)  # x_vis^(c), "sum"
+        topk = self.select_patches(patch_logits)
+        x_vis = self.class_attentive(x_ref_n, g, topk)
         M = self.mm_candidates if not self.training else 0
         if self.atm is not None and 0 < M < t.shape[0]:
             h_txt = self._text_atm()
@@ -190,4 +237,4 @@ class DART(nn.Module):
             else:
                 h = x_vis
             logits = s * torch.einsum("bcd,cd->bc", F.normalize(h, dim=-1), t)  # ŷ_c = s·cos(h^(c), t_c)
-        return DARTOutput(logits, patch_logits, prior, delta, topk, zero_shot, {"scale": float(s)})
+        return DARTOutput(logits, patch_logits, prior, delta, topk, zero_shot, {"scale": float(s), "x_orig": x_orig})

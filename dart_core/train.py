@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dart_core.checkpoint import check_vocabulary, read_checkpoint, save_checkpoint
-from dart_core.losses import total_loss
+from dart_core.losses import loss_terms
 from dart_core.model import DART
 from dart_core.vocab import Vocabulary
 
@@ -43,6 +43,14 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
     bf16: bool = True  # autocast on CUDA only
+    # lr multiplier of the zero-initialised gates (α, the ATM's LayerScales): weights that start at
+    # zero and must reach O(0.1) within one schedule (at lr 1e-4 and a few hundred steps they
+    # would move by ~0.01; docs/model.md)
+    gate_lr_mult: float = 10.0
+    # validation slice held out of the training shards (by key hash), at most val_max samples taken
+    # from the first shards; its seen-class mAP picks the saved epoch. 0 = no validation.
+    val_share: float = 0.05
+    val_max: int = 5000
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -58,6 +66,11 @@ def lambda_at(step: int, total: int, start: float = 1.0, end: float = 0.0) -> fl
     return start + (end - start) * min(1.0, step / max(1, total - 1))
 
 
+def is_gate(name: str) -> bool:
+    """The zero-initialised residual weights: the patch-evidence weight α and the ATM's LayerScales."""
+    return name == "patch_gate" or name.endswith(".gamma")
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world) — initialises the process group when launched by torchrun with WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,9 +82,52 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def term_diagnostics(model: DART, terms: dict, out) -> dict[str, float]:
+    """What the log shows every `log_every` steps: each weighted loss term's gradient norm on the
+    ARM and on the ATM (what the optimizer sees of it), and the refinement's relative size
+    |Δx̃| / |x_orig| (mean over patches of the L2 norms)."""
+    groups = {"arm": [p for p in model.arm.parameters() if p.requires_grad] if model.arm is not None else [],
+              "atm": [p for p in model.atm.parameters() if p.requires_grad] if model.atm is not None else []}
+    diag = {}
+    for name, (w, t) in terms.items():
+        for g, params in groups.items():
+            if not params or not t.requires_grad:
+                continue
+            grads = torch.autograd.grad(w * t, params, retain_graph=True, allow_unused=True)
+            diag[f"grad_{name}_{g}"] = float(torch.sqrt(sum((x.float() ** 2).sum() for x in grads if x is not None)
+                                                        or torch.tensor(0.0)))
+    x = out.extras.get("x_orig")
+    if x is not None:
+        diag["delta_rel"] = float((out.delta.detach().norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6)).mean())
+    diag["alpha"] = float(model.patch_gate.detach().abs().mean())
+    return diag
+
+
+@torch.no_grad()
+def seen_map(model: DART, val_data: Iterable, device) -> float:
+    """mAP over the training vocabulary on the validation batches (labels 0 masked out)."""
+    from dart_core.metrics import mean_average_precision
+
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for batch in val_data:
+        scores.append(model(batch[0].to(device), with_priors=False).logits.float().cpu())
+        labels.append(batch[1].cpu())
+    model.train(was_training)
+    if not scores:
+        return float("nan")
+    return mean_average_precision(torch.cat(scores).numpy(), torch.cat(labels).numpy())
+
+
 def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg: TrainConfig,
-        steps_per_epoch: int | None = None, device: str = "cpu", log=print) -> list[dict]:
-    """Train `model` on `data` for cfg.epochs; returns the per-step history (also in history.jsonl)."""
+        steps_per_epoch: int | None = None, device: str = "cpu", log=print,
+        val_data: Iterable | None = None) -> list[dict]:
+    """Train `model` on `data` for cfg.epochs; returns the history (also in history.jsonl): one
+    record per step (loss terms, lr, λ, gradient norm; every `log_every` steps also each term's
+    gradient norm on the ARM and the ATM, |Δx̃|/|x| and α) and, with `val_data`, one per epoch with
+    the validation mAP. With `val_data`, model.pt is the best validation epoch and the model is
+    left with those weights; last.pt is always the latest state (for resume)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # epochs=0 writes the untrained model (a baseline)
     rank, world = init_distributed()
@@ -89,9 +145,14 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
 
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history = 0, []
-    last = out_dir / "last.pt"
+    gates = [p for n, p in model.named_parameters() if p.requires_grad and is_gate(n)]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not is_gate(n)]
+    groups = [{"params": others, "lr_mult": 1.0}]
+    if gates:
+        groups.append({"params": gates, "lr_mult": cfg.gate_lr_mult, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history, best = 0, [], None
+    last, best_path = out_dir / "last.pt", out_dir / "model.pt"
     if last.exists():  # resume after a crash or a stop
         doc = read_checkpoint(last)
         check_vocabulary(doc, vocab, str(last), exact=True)
@@ -101,6 +162,7 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
         opt.load_state_dict(doc["optimizer"])
         step = int(doc["step"])
         history = json.loads(doc["history"])
+        best = doc.get("best_val")
         if rank == 0:
             log(f"resumed from {last} at step {step}/{total}")
     ddp = model
@@ -111,8 +173,31 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
     def checkpoint(epoch_done: int) -> None:
         if rank == 0:
             save_checkpoint(last, model, vocab, {"optimizer": opt.state_dict(), "step": step, "epoch": epoch_done,
-                                                 "train_config": asdict(cfg), "history": json.dumps(history)})
+                                                 "train_config": asdict(cfg), "history": json.dumps(history),
+                                                 "best_val": best})
 
+    def validate(epoch_done: int) -> None:
+        """Rank 0 scores the whole validation set (the other ranks go on to the next collective)."""
+        nonlocal best, val_data
+        if val_data is None or rank != 0:
+            return
+        score = seen_map(model, val_data, device)
+        if math.isnan(score):
+            log("the validation slice holds no positive label (or no sample): no validation; "
+                "model.pt will be the last epoch")
+            val_data = None
+            return
+        improved = best is None or score > best["mAP"]
+        if improved:
+            best = {"mAP": score, "epoch": epoch_done, "step": step}
+            save_checkpoint(best_path, model, vocab, {"step": step, "train_config": asdict(cfg), "best_val": best})
+        history.append({"epoch": epoch_done, "step": step, "val_seen_mAP": score, "best": improved})
+        note = "best" if improved else f"best {100 * best['mAP']:.2f} at epoch {best['epoch']}"
+        log(f"epoch {epoch_done}/{cfg.epochs} validation seen mAP {100 * score:.2f} ({note})")
+
+    val_requested = val_data is not None
+    if val_data is not None and step == 0 and best is None:
+        validate(0)  # the frozen VLP's own score: training must beat it to replace it
     model.train()
     t0 = time.time()
     while step < total:
@@ -128,14 +213,19 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
                 raise ValueError(f"labels have {labels.shape[1]} classes, the vocabulary has {len(vocab)}")
             lam = lambda_at(step, total, cfg.lam_start, cfg.lam_end)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                g["lr"] = g["lr_mult"] * lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+            watch = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == total
             with autocast:
                 out = ddp(images)
-                loss, parts = total_loss(out, labels, lam, model.cfg)
+                terms = loss_terms(out, labels, lam, model.cfg)
+                loss = sum(w * t for w, t in terms.values())
+            parts = {name: float(t.detach()) for name, (_, t) in terms.items()}
+            parts["total"] = float(loss.detach())
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at epoch {epoch + 1} step {step} ({parts}); training stopped. "
                     f"The last good checkpoint is {last if last.exists() else 'not written yet'}.")
+            diag = term_diagnostics(model, terms, out) if watch else {}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
@@ -147,19 +237,34 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             step += 1
             n_in_epoch += 1
             rec = {"step": step, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam,
-                   "grad_norm": float(grad_norm), **parts}
+                   "grad_norm": float(grad_norm), **parts, **diag}
             history.append(rec)
-            if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} loss {parts['total']:.4f} "
-                    f"rank {parts['rank']:.4f} lr {rec['lr']:.2e} λ {lam:.2f} ({time.time() - t0:.0f}s)")
+            if rank == 0 and watch:
+                terms_txt = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+                # a term that cannot reach a module (WPS, penalty on the ATM) is left out of the line
+                grads_txt = " ".join(f"{k[5:]} {v:.2g}" for k, v in diag.items() if k.startswith("grad_") and v)
+                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} {terms_txt} | grad {grads_txt} | "
+                    f"|Δx̃|/|x| {diag.get('delta_rel', 0):.3f} α {diag.get('alpha', 0):.3f} lr {rec['lr']:.2e} "
+                    f"λ {lam:.2f} ({time.time() - t0:.0f}s)")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 checkpoint(epoch)
         if n_in_epoch + skip < steps_per_epoch and step < total:
             raise ValueError(f"the data gave {n_in_epoch + skip} batches in epoch {epoch + 1}, expected {steps_per_epoch}")
+        validate(epoch + 1)
         checkpoint(epoch + 1)
     if rank == 0:
         (out_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        save_checkpoint(out_dir / "model.pt", model, vocab, {"step": step, "train_config": asdict(cfg)})
+        if val_data is None:
+            save_checkpoint(best_path, model, vocab, {"step": step, "train_config": asdict(cfg)})
+    if world > 1 and val_requested:
+        dist.barrier()  # rank 0 has written model.pt
+        val_data = val_data if best_path.exists() else None
+    if val_data is not None:
+        doc = read_checkpoint(best_path)
+        model.load_state_dict(doc["state_dict"], strict=False)
+        if rank == 0:
+            b = doc["best_val"]
+            log(f"model.pt: the weights after epoch {b['epoch']} (validation seen mAP {100 * b['mAP']:.2f})")
     model.eval()
     return history
 
@@ -208,9 +313,13 @@ def class_graph(vocab: Vocabulary, text: torch.Tensor, crg_path: str | Path | No
 
 def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, train_cfg: TrainConfig,
                     n_samples: int, crg_path=None, crg_source: str = "file", device: str = "cpu",
-                    num_workers: int = 0, log=print) -> Path:
-    """`dart train`: DART on webdataset shards (seen classes only, as in OV-MLR training)."""
-    from dart_core.data.reader import make_loader
+                    num_workers: int = 0, log=print, val_shards: str | None = None) -> Path:
+    """`dart train`: DART on webdataset shards (seen classes only, as in OV-MLR training).
+
+    Validation (the seen-class mAP that picks the saved epoch): `val_shards` when given, else a
+    slice held out of the training shards — the samples whose key hashes below `val_share`, taken
+    from as many of the first shards as give about min(val_share × samples, val_max)."""
+    from dart_core.data.reader import list_shards, make_loader
     from dart_core.model import DART
 
     rank, world = init_distributed()
@@ -223,15 +332,33 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
     text = model.backbone.text_embeddings(list(seen.names))
     model.set_classes(list(seen.names), class_graph(seen, text, crg_path, crg_source), text=text)
     counts = model.parameter_counts()
+    urls = list_shards(shards) if isinstance(shards, (str, os.PathLike)) else [str(u) for u in shards]
+    holdout, val_loader, n_val = None, None, 0
+    pre, bs = model.backbone.preprocess, train_cfg.batch_size
+    if val_shards:
+        val_loader = make_loader(val_shards, seen, pre, bs, train=False, all_ranks=True)
+        val_note = f"validation: {val_shards}"
+    elif train_cfg.val_share > 0 and urls:
+        share = train_cfg.val_share
+        per_shard = n_samples / len(urls)
+        wanted = min(share * n_samples, train_cfg.val_max)
+        held = urls[:max(1, min(len(urls), math.ceil(wanted / max(share * per_shard, 1e-9))))]
+        n_val = int(round(share * per_shard * len(held)))
+        holdout = (share, False, held)
+        val_loader = make_loader(held, seen, pre, bs, train=False, all_ranks=True, holdout=(share, True, held))
+        val_note = f"validation: ~{n_val} samples held out of {len(held)} shard(s)"
+    else:
+        val_note = "no validation (model.pt = the last epoch)"
+    n_train = n_samples - n_val
     if rank == 0:
         log(f"DART on {model_cfg.backbone}/{model_cfg.pretrained}: {counts['trainable']:,} trainable of "
-            f"{counts['total']:,} parameters; {len(seen)} seen classes, {n_samples} samples")
-    steps = n_samples // (train_cfg.batch_size * world)
+            f"{counts['total']:,} parameters; {len(seen)} seen classes, {n_train} training samples; {val_note}")
+    steps = n_train // (bs * world)
     if steps < 1:
-        raise ValueError(f"{n_samples} samples are fewer than one global batch of "
-                         f"{train_cfg.batch_size * world}; lower --batch-size")
-    loader = make_loader(shards, seen, model.backbone.preprocess, train_cfg.batch_size, train=True,
-                         num_workers=num_workers, seed=train_cfg.seed)
+        raise ValueError(f"{n_train} training samples are fewer than one global batch of "
+                         f"{bs * world} (--batch-size {bs} per process × {world}); lower --batch-size")
+    loader = make_loader(urls, seen, pre, bs, train=True, num_workers=num_workers, seed=train_cfg.seed,
+                         holdout=holdout)
     fit(model, RepeatingBatches(loader, steps), seen, out_dir, train_cfg, steps_per_epoch=steps,
-        device=device, log=log)
+        device=device, log=log, val_data=val_loader)
     return Path(out_dir) / "model.pt"

@@ -21,7 +21,7 @@ def count_samples(shards_root: str) -> int:
 
 @task(name="train-dart")
 def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
-               crg: str | None, crg_source: str, device: str, num_workers: int) -> str:
+               crg: str | None, crg_source: str, device: str, num_workers: int, val_shards: str | None = None) -> str:
     from dart_core.model import DARTConfig
     from dart_core.train import TrainConfig, train_on_shards
     from dart_core.vocab import Vocabulary
@@ -31,13 +31,13 @@ def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, tra
     n = count_samples(shards)
     ckpt = train_on_shards(shards, vocab, out_dir, DARTConfig(**model_cfg), TrainConfig(**train_cfg), n,
                            crg_path=crg, crg_source=crg_source, device=device, num_workers=num_workers,
-                           log=logger.info)
+                           log=logger.info, val_shards=val_shards)
     return str(ckpt)
 
 
 @flow(name="train")
 def train_flow(shards: str, classes_csv: str, out_dir: str, model_cfg: dict | None = None,
                train_cfg: dict | None = None, crg: str | None = None, crg_source: str = "file",
-               device: str = "cpu", num_workers: int = 0) -> str:
+               device: str = "cpu", num_workers: int = 0, val_shards: str | None = None) -> str:
     return train_task(shards, classes_csv, out_dir, model_cfg or {}, train_cfg or {}, crg, crg_source,
-                      device, num_workers)
+                      device, num_workers, val_shards)

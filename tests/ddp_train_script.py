@@ -26,4 +26,5 @@ for k in range(len(x) // global_batch):
 hist = fit(model, batches, vocab, out_dir, TrainConfig(epochs=3, lr=1e-3, min_lr=1e-4, warmup_epochs=1, log_every=1000),
            log=lambda *_: None)
 if rank == 0:
-    json.dump([h["total"] for h in hist], open(os.path.join(out_dir, "losses.json"), "w"))
+    json.dump({k: [h[k] for h in hist if "step" in h] for k in ("total", "rank", "rank_class")},
+              open(os.path.join(out_dir, "losses.json"), "w"))

@@ -13,7 +13,7 @@ NAMES = ["cat", "dog", "car", "tree", "sky", "boat"]
 
 
 def tiny_config(**kw) -> DARTConfig:
-    base = dict(backbone=TINY, pretrained=None, top_k=4, wps_k_hard=4, arm_layers=2, gat_heads=2)
+    base = dict(backbone=TINY, pretrained=None, top_k_share=0.25, wps_hard_share=0.25, arm_layers=2, gat_heads=2)
     base.update(kw)
     return DARTConfig(**base)
 

@@ -16,18 +16,26 @@ def test_dart_train_over_shards_and_resume(tmp_path, tiny_clip_ckpt, prefect_har
     make_shards(tmp_path / "shards" / "train")  # 4 shards x 6 images
     args = ["train", "--shards", str(tmp_path / "shards" / "train"), "--classes", str(tmp_path / "classes.csv"),
             "--out", str(tmp_path / "run"), "--backbone", "dart-tiny-vit", "--pretrained", tiny_clip_ckpt,
-            "--epochs", "2", "--batch-size", "4", "--top-k", "4"]
+            "--epochs", "2", "--batch-size", "4", "--top-k-share", "0.25", "--val-share", "0.25"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "text-similarity CRG" in r.output
     hist = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in hist] == list(range(1, 13))  # 24 samples / batch 4 = 6 steps x 2 epochs
+    steps = [h for h in hist if "loss" in h or "total" in h]
+    epochs = [h for h in hist if "val_seen_mAP" in h]
+    # ~6 of the 24 samples held out for validation (4 shards x 6 x 0.25): 18 / batch 4 = 4 steps an epoch
+    assert [h["step"] for h in steps] == list(range(1, 9))
+    assert [h["epoch"] for h in epochs] == [0, 1, 2]  # the untrained model, then every epoch
+    assert {"grad_rank_atm", "grad_rank_class_atm", "grad_wps_arm", "delta_rel"} <= set(steps[0])
     doc = read_checkpoint(tmp_path / "run" / "model.pt")
     assert doc["vocab"]["names"] == ["red", "green", "blue"]  # trained on the seen classes only
+    best = max(epochs, key=lambda h: (h["val_seen_mAP"], -h["epoch"]))
+    assert doc["best_val"]["epoch"] == best["epoch"]  # model.pt is the best validation epoch
+    assert (tmp_path / "run" / "last.pt").exists()
     # a second call finds last.pt at the final step: nothing more to train, same checkpoint
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == len(hist)
 
 
 def test_dart_train_bad_vocabulary_is_one_line(tmp_path, tiny_clip_ckpt):
@@ -59,7 +67,7 @@ def test_training_is_reproducible_whatever_ran_before(tmp_path, tiny_clip_ckpt):
 
     vocab = Vocabulary.from_names(list(COLOURS), unseen={"yellow"})
     make_shards(tmp_path / "shards")
-    cfg = DARTConfig(backbone="dart-tiny-vit", pretrained=tiny_clip_ckpt, top_k=4)
+    cfg = DARTConfig(backbone="dart-tiny-vit", pretrained=tiny_clip_ckpt, top_k_share=0.25)
     states = []
     for run, noise in (("a", 0), ("b", 7)):
         torch.rand(noise)  # other work in the same process draws from the global RNG first

@@ -50,6 +50,27 @@ def test_main_stream_bit_identical_with_and_without_arm(tiny_clip_ckpt):
     assert torch.equal(b.clip.encode_image(x), ref)  # nothing in the backbone changed
 
 
+@pytest.mark.parametrize("gate", ["vector", "scalar"])
+def test_untrained_dart_scores_exactly_as_the_frozen_vlp(tiny_clip_ckpt, vocab, gate):
+    """Residual init: ARM and ATM on, a real CRG, any vocabulary — ŷ = s·cos(global, t_c) exactly,
+    also with classes added at inference."""
+    from dart_core.crg.graph import random_crg
+
+    torch.manual_seed(0)
+    m = DART(tiny_config(pretrained=tiny_clip_ckpt, patch_gate=gate))
+    m.set_classes(NAMES, random_crg(vocab, 3, seed=1).edge_index(vocab))
+    x, _ = fixed_batch(5)
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+        g = torch.nn.functional.normalize(m.backbone.clip.encode_image(x).float(), dim=-1)
+        vlp = m.scale * g @ m.text.T
+    assert torch.allclose(out.logits, vlp, atol=1e-5)
+    assert torch.allclose(out.logits, out.zero_shot, atol=1e-5)
+    m.train()  # the training forward too
+    assert torch.allclose(m(x).logits, vlp, atol=1e-5)
+
+
 def test_arm_starts_as_identity(tiny_model):
     x, _ = fixed_batch(2)
     out = tiny_model(x)
@@ -73,7 +94,7 @@ def test_lora_only_on_q_and_out_with_paper_rank(tiny_clip_ckpt):
     assert torch.equal(m.arm.layers[-1].attn.out.base_layer.weight, blk.attn.out_proj.weight)
 
 
-def test_gradients_reach_only_arm_and_atm(tiny_model):
+def test_gradients_reach_only_arm_atm_and_the_patch_weight(tiny_model):
     x, y = fixed_batch(4)
     # one optimiser step so the zero-initialised layers stop blocking gradients
     opt = torch.optim.SGD([p for p in tiny_model.parameters() if p.requires_grad], lr=0.1)
@@ -83,13 +104,13 @@ def test_gradients_reach_only_arm_and_atm(tiny_model):
         loss.backward()
         opt.step()
     for n, p in tiny_model.named_parameters():
-        if n.startswith("backbone.") or ".base_layer." in n or n.split(".")[-2] in ("k", "v", "ln_1"):
+        if n.startswith("backbone.") or ".base_layer." in n or n.split(".")[-2:-1] in (["k"], ["v"], ["ln_1"]):
             assert p.grad is None and not p.requires_grad, n
         else:
             assert p.requires_grad, n
             assert p.grad is not None and p.grad.abs().sum() > 0, n
     prefixes = {n.split(".")[0] for n, p in tiny_model.named_parameters() if p.requires_grad}
-    assert prefixes == {"arm", "atm"}
+    assert prefixes == {"arm", "atm", "patch_gate"}
 
 
 def test_ablation_switches_change_the_parameter_set(tiny_clip_ckpt):
@@ -133,9 +154,8 @@ def test_bounded_mm_atm_equals_exact_when_candidates_cover_all(tiny_model):
         out = tiny_model(x)
         feats = tiny_model.backbone.forward_features(x, tiny_model.cfg.arm_layers)
         x_ref = torch.nn.functional.normalize(feats.patch_features + tiny_model.arm(feats), dim=-1)
-        w = torch.zeros(3, C, x_ref.shape[1]).scatter_(2, out.topk, 1.0 / out.topk.shape[2])
         g = torch.nn.functional.normalize(feats.global_feature, dim=-1)
-        x_vis = torch.nn.functional.normalize(torch.bmm(w, x_ref), dim=-1) + g.unsqueeze(1)
+        x_vis = tiny_model.class_attentive(x_ref, g, out.topk)
         cand = torch.stack([torch.randperm(C) for _ in range(3)])
         h = tiny_model.atm.multimodal_candidates(x_vis, h_txt, tiny_model.edge_index, cand)
         scores = tiny_model.scale * (torch.nn.functional.normalize(h, dim=-1) * t[cand]).sum(-1)

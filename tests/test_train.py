@@ -52,7 +52,7 @@ def test_save_load_identical_scores_and_weights_only(tiny_model, vocab, tmp_path
         ref = tiny_model(x).logits
     doc = read_checkpoint(tmp_path / "model.pt")
     # only trainable weights are stored: no backbone tensor in the file
-    assert doc["state_dict"] and all(k.startswith(("arm.", "atm.")) for k in doc["state_dict"])
+    assert doc["state_dict"] and all(k.startswith(("arm.", "atm.", "patch_gate")) for k in doc["state_dict"])
     assert sum(v.numel() for v in doc["state_dict"].values()) == tiny_model.parameter_counts()["trainable"]
     loaded, _ = load_model(tmp_path / "model.pt")
     loaded.set_classes(NAMES, tiny_model.edge_index)
@@ -185,6 +185,10 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_clip_ckpt, tmp_path)
                     script, str(multi), tiny_clip_ckpt, "8"], check=True, env=env, cwd=REPO, timeout=300)
     a = json.load(open(single / "losses.json"))
     b = json.load(open(multi / "losses.json"))
-    assert len(a) == len(b) == 12
-    np.testing.assert_allclose(b, a, rtol=1e-4)
-    assert a[-1] < a[0]
+    assert len(a["total"]) == len(b["total"]) == 12
+    # the per-class ranking and the WPS threshold compare images across the whole batch: under DDP
+    # they see every rank's rows (gathered), so the run is the one-process run with the doubled batch
+    np.testing.assert_allclose(b["total"], a["total"], rtol=1e-4)
+    np.testing.assert_allclose(b["rank_class"], a["rank_class"], rtol=1e-4)
+    # 4 batches an epoch: each batch's loss is lower two epochs later
+    assert all(a["total"][i + 8] < a["total"][i] for i in range(4)), a["total"]

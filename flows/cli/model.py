@@ -29,8 +29,10 @@ def train(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     workers: int = typer.Option(0, help="DataLoader workers for decoding."),
     arm_layers: int = typer.Option(1),
-    top_k: int = typer.Option(16),
-    wps_tau: float = typer.Option(0.0, help="Temperature of the WPS responsibilities (0: the backbone's learned logit scale, App. A)."),
+    top_k_share: float = typer.Option(16 / 196, help="Patches aggregated per class, as a share of the patch grid (the paper's 16 of 196)."),
+    wps_tau: float = typer.Option(0.0, help="Temperature of the WPS responsibilities (0: the library default, CLIP's learned 100, App. A)."),
+    val_shards: Optional[str] = typer.Option(None, help="Validation shards (seen-class mAP picks the saved epoch); default: a slice held out of --shards."),
+    val_share: float = typer.Option(0.05, help="Share of the training samples held out for validation when --val-shards is not given (0: none)."),
     lambda_end: float = typer.Option(0.0, help="WPS λ at the last step (annealed from 1; 1 keeps the VLP's prior responsibilities)."),
     no_arm: bool = typer.Option(False, help="Ablation: no ARM (Tab. 5)."),
     no_wps: bool = typer.Option(False, help="Ablation: no WPS loss (Tab. 5)."),
@@ -53,8 +55,8 @@ def train(
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     model_cfg = dict(backbone=backbone, pretrained=None if pretrained.lower() == "none" else pretrained,
-                     arm_layers=arm_layers, top_k=top_k, wps_tau=wps_tau or None, use_arm=not no_arm, use_wps=not no_wps, use_atm=not no_atm)
-    train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end)
+                     arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=not no_arm, use_wps=not no_wps, use_atm=not no_atm)
+    train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end, val_share=val_share)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun every rank trains; Prefect would start one flow run per rank
@@ -64,11 +66,12 @@ def train(
             from flows.train import count_samples
 
             ckpt = train_on_shards(shards, Vocabulary.read_csv(classes), out, DARTConfig(**model_cfg),
-                                   TrainConfig(**train_cfg), count_samples(shards), crg, source, device, workers)
+                                   TrainConfig(**train_cfg), count_samples(shards), crg, source, device, workers,
+                                   val_shards=val_shards)
         else:
             from flows.train import train_flow
 
-            ckpt = train_flow(shards, classes, out, model_cfg, train_cfg, crg, source, device, workers)
+            ckpt = train_flow(shards, classes, out, model_cfg, train_cfg, crg, source, device, workers, val_shards)
     except (VocabularyError, CRGError, CheckpointError, BackboneError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"checkpoint: {ckpt}")
