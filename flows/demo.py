@@ -1,8 +1,10 @@
 """Prefect flow `demo`: the whole pipeline on the embedded synthetic world, offline.
 
-generate -> shard -> pretrain the small VLP (cached) -> mine the CRG (an OpenAI-compatible endpoint
-if one is configured, else text similarity) -> train DART -> annotate (DART and the frozen VLP's
-zero-shot baseline) -> evaluate (SQL) + localization -> audit. Tasks pass paths.
+generate -> shard -> pretrain the small VLP (cached) -> CRG (mined from an OpenAI-compatible
+endpoint if one is configured; otherwise the world's own relations stand in for the LLM's, and the
+text-similarity CRG is mined as the paper's "Sim." ablation) -> train DART (one run per training
+seed) -> annotate (DART and the frozen VLP's zero-shot baseline) -> evaluate (SQL) + localization
+-> audit. Tasks pass paths.
 """
 from __future__ import annotations
 
@@ -16,12 +18,9 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-# The paper's schedule (App. A): lr 1e-4, 2 linear warm-up epochs, cosine to 1e-5, λ 1 -> 0.
-DEMO_TRAIN = dict(epochs=12, batch_size=64, lr=1e-4, min_lr=1e-5, warmup_epochs=2.0)
-# WPS responsibilities at CLIP's learned temperature, 100 (App. A fixes τ to the pretrained CLIP's):
-# the world's VLP never learned its own in 300 steps (it stays at the 1/0.07 = 14.3 it starts from),
-# and at 14 the softmax over 64 patches is too flat to select any (docs/world.md measures both).
-DEMO_MODEL = dict(wps_tau=100.0)
+# The paper's schedule for NUS-WIDE and COCO (App. A): 20 epochs of batch 256, lr 1e-4 with 2
+# linear warm-up epochs, cosine to 1e-5, λ 1 -> 0. Everything else is the library's default.
+DEMO_TRAIN = dict(epochs=20, batch_size=256, lr=1e-4, min_lr=1e-5, warmup_epochs=2.0)
 
 
 def _log():
@@ -130,7 +129,7 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
 
     run_dir = workdir / "runs" / name
     ckpt = run_dir / "model.pt"
-    cfg = {"backbone": MODEL_NAME, "pretrained": vlp, **DEMO_MODEL, **model_cfg}
+    cfg = {"backbone": MODEL_NAME, "pretrained": vlp, **model_cfg}
     # A rerun reuses a variant's model only if it was trained from the same inputs; anything else
     # (another VLP, CRG, config, training code) starts that variant's folder afresh.
     spec = {"model": cfg, "train": train_cfg, "crg_source": crg_source, "shards": shards, "code": training_code_hash(),
@@ -146,9 +145,25 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     return {"pred": str(pred), "checkpoint": str(ckpt), **res}
 
 
+def summary(r: dict) -> dict[str, float]:
+    """The figures of one row of the demo's table, as fractions."""
+    z, g, loc = r["zsl"], r["gzsl"], r["localization"]
+    return {"zsl_mAP": z["mAP"], "zsl_F1@3": z["F1@3"], "zsl_F1@5": z["F1@5"], "zsl_loc": loc["zsl"],
+            "gzsl_mAP": g["mAP"], "gzsl_F1@3": g["F1@3"], "gzsl_F1@5": g["F1@5"], "gzsl_loc": loc["gzsl"],
+            "seen_mAP": r["seen"]["mAP"]}
+
+
+def seed_statistics(runs: list[dict]) -> dict:
+    """Mean and spread (max - min) of each figure over the training seeds' runs."""
+    rows = [summary(r) for r in runs]
+    return {"mean": {k: float(np.mean([x[k] for x in rows])) for k in rows[0]},
+            "spread": {k: float(np.ptp([x[k] for x in rows])) for k in rows[0]}, "runs": len(rows)}
+
+
 @flow(name="demo")
 def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, seed: int = 0, vlp_steps: int = 300,
-              epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None) -> dict:
+              epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None,
+              train_seeds: list[int] | None = None) -> dict:
     from flows.annotate import annotate_flow
     from flows.crg import MineOptions, run_mining
     from flows.evaluate import audit_flow, evaluate_flow
@@ -160,6 +175,7 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
 
     log = _log()
     t0 = time.time()
+    train_seeds = list(train_seeds or [0])
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     src = make_sources(wd, n_train, n_test, seed)
@@ -169,56 +185,69 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
     classes = f"{shards}/classes.csv"
     vlp = pretrain_vlp(vlp_cache or str(wd / "vlp-cache"), steps=vlp_steps, seed=seed)
     source = crg_source_available()
-    log(f"CRG source: {source}" + ("" if source == "llm" else
-                                   " (no OpenAI-compatible endpoint configured: OPENAI_BASE_URL / OPENAI_API_KEY)"))
-    crg = str(wd / "crg.json")
-    run_mining(MineOptions(classes=classes, out=crg, source=source, backbone=MODEL_NAME, pretrained=vlp,
+    mined = str(wd / "crg.json")
+    run_mining(MineOptions(classes=classes, out=mined, source=source, backbone=MODEL_NAME, pretrained=vlp,
                            neighbors=8, estimate=False), log=log)
+    # the world's own relations (label co-occurrence on a separate stream): what an LLM knows about
+    # real classes, measured here; the main run's CRG when no LLM endpoint is configured
+    world = wd / "crg_world.json"
+    world_crg().write(world)
+    crg = mined if source == "llm" else str(world)
+    log(f"CRG: {'mined from the LLM endpoint' if source == 'llm' else 'the world relations (no OpenAI-compatible endpoint configured: OPENAI_BASE_URL / OPENAI_API_KEY), the stand-in for the LLM CRG'}")
     train_cfg = dict(DEMO_TRAIN, epochs=epochs)
-    results = {"crg_source": source, "vlp": vlp}
+    results = {"crg_source": "llm" if source == "llm" else "world", "vlp": vlp, "train_seeds": train_seeds}
     zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
     zs_pred = wd / "predictions" / "zero_shot"
     annotate_flow(zs_ckpt, f"{shards}/test", classes, str(zs_pred), top_m=64, batch_size=128, mode="overwrite",
                   score="zero_shot")
     results["zero_shot"] = evaluate_flow(str(zs_pred), [3, 5])
     results["zero_shot"]["localization"] = localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
-    results["dart"] = run_variant("dart", wd, shards, classes, crg, vlp, {}, train_cfg)
+    runs = [run_variant("dart" if s == train_seeds[0] else f"dart_seed{s}", wd, shards, classes, crg, vlp, {},
+                        dict(train_cfg, seed=s)) for s in train_seeds]
+    results["dart"] = runs[0]
+    if len(runs) > 1:
+        results["dart_seeds"] = seed_statistics(runs)
     if ablations:
         variants = {
-            "no_arm": ({"use_arm": False}, "file"), "no_wps": ({"use_wps": False}, "file"),
-            "no_atm": ({"use_atm": False}, "file"), "crg_random": ({}, "random"),
-            "wps_tau_vlp": ({"wps_tau": None}, "file"),
-            "crg_similarity": ({}, "similarity"),
+            "no_arm": ({"use_arm": False}, "file", crg), "no_wps": ({"use_wps": False}, "file", crg),
+            "no_atm": ({"use_atm": False}, "file", crg), "crg_random": ({}, "random", None),
+            "crg_similarity": ({}, "file", mined if source != "llm" else None),
+            "crg_world": ({}, "file", str(world) if source == "llm" else None),
+            "wps_tau_vlp": ({"wps_tau": None}, "file", crg),
         }
-        for name, (mcfg, csrc) in variants.items():
-            if csrc == "similarity" and source == "similarity":
-                continue  # the main run already uses the similarity CRG
-            results[name] = run_variant(name, wd, shards, classes, crg, vlp, mcfg, train_cfg, csrc)
-        # the world's own relations (label co-occurrence), standing in for an LLM's knowledge
-        world = wd / "crg_world.json"
-        world_crg().write(world)
-        results["crg_world"] = run_variant("crg_world", wd, shards, classes, str(world), vlp, {}, train_cfg)
+        for name, (mcfg, csrc, path) in variants.items():
+            if csrc == "file" and path is None:
+                continue  # the main run already uses that CRG
+            if name == "crg_similarity" and source == "llm":
+                csrc = "similarity"
+            results[name] = run_variant(name, wd, shards, classes, path, vlp, mcfg, dict(train_cfg, seed=train_seeds[0]),
+                                        csrc)
     results["report"] = audit_flow(results["dart"]["pred"], str(wd / "report"))
     results["seconds"] = round(time.time() - t0, 1)
     (wd / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
+ROW_LABELS = {"no_arm": "DART without ARM", "no_wps": "DART without WPS", "no_atm": "DART without ATM",
+              "crg_random": "DART, random CRG", "crg_similarity": "DART, similarity CRG",
+              "crg_world": "DART, world CRG", "wps_tau_vlp": "DART, WPS τ = VLP's"}
+COLUMNS = ["zsl_mAP", "zsl_F1@3", "zsl_F1@5", "zsl_loc", "gzsl_mAP", "gzsl_F1@3", "gzsl_F1@5", "gzsl_loc", "seen_mAP"]
+
+
 def format_results(results: dict) -> str:
-    rows = [("frozen VLP zero-shot", results["zero_shot"]), ("DART", results["dart"])]
-    labels = {"no_arm": "DART no ARM", "no_wps": "DART no WPS", "no_atm": "DART no ATM",
-              "crg_random": "DART random CRG", "crg_similarity": "DART similarity CRG",
-              "crg_world": "DART world CRG",
-              "wps_tau_vlp": "DART WPS τ=VLP's"}
-    for name, label in labels.items():
-        if name in results:
-            rows.append((label, results[name]))
-    head = (f"{'model':<24}{'ZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}   "
-            f"{'GZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}")
+    """The demo's table in percent: the frozen VLP, DART (and its seeds' mean ± spread), ablations."""
+    main = "DART" + (f" (seed {results['train_seeds'][0]})" if "dart_seeds" in results else "")
+    rows = [("frozen VLP zero-shot", summary(results["zero_shot"])), (main, summary(results["dart"]))]
+    if "dart_seeds" in results:
+        st = results["dart_seeds"]
+        rows.append((f"DART, mean of {st['runs']} seeds", st["mean"]))
+        rows.append(("  spread (max - min)", st["spread"]))
+    rows += [(label, summary(results[name])) for name, label in ROW_LABELS.items() if name in results]
+    head = (f"{'model':<28}{'ZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}   "
+            f"{'GZSL mAP':>8}{'F1@3':>7}{'F1@5':>7}{'loc':>7}   {'seen mAP':>8}")
     lines = [head]
     for name, r in rows:
-        z, g, loc = r["zsl"], r["gzsl"], r["localization"]
-        lines.append(f"{name:<24}{100 * z['mAP']:8.1f}{100 * z['F1@3']:7.1f}{100 * z['F1@5']:7.1f}"
-                     f"{100 * loc['zsl']:7.1f}   {100 * g['mAP']:8.1f}{100 * g['F1@3']:7.1f}"
-                     f"{100 * g['F1@5']:7.1f}{100 * loc['gzsl']:7.1f}")
+        v = [100 * r[c] for c in COLUMNS]
+        lines.append(f"{name:<28}{v[0]:8.1f}{v[1]:7.1f}{v[2]:7.1f}{v[3]:7.1f}   {v[4]:8.1f}{v[5]:7.1f}{v[6]:7.1f}"
+                     f"{v[7]:7.1f}   {v[8]:8.1f}")
     return "\n".join(lines)
