@@ -6,9 +6,9 @@ GATv2 message passing over the Class Relationship Graph, in two stages:
   MM-ATM   : h_0 = x_mm, 2 GATv2 layers over each image's copy of the class graph -> h_mm
 
 Each layer: multi-head GATv2 (heads concatenated, C.15), ELU (σ_GAT of C.14), residual (Eq. 5 / C.16).
-Choices where the paper is silent (README): a LayerScale on each residual branch (init 0.1) and a
-residual FNN whose last layer starts at zero (x_mm = x_vis + FNN(...)), so an untrained ATM is
-close to the identity and training starts from the VLP's own zero-shot geometry.
+Choices where the paper is silent (docs/model.md): a LayerScale on each residual branch and a
+residual FNN whose last layer starts at zero (x_mm = x_vis + FNN(...)), both zero at init, so an
+untrained ATM is the identity and training starts from the VLP's own zero-shot scores exactly.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """DART = frozen backbone + ARM + top-K class-attentive aggregation + ATM (paper Fig. 2, Sec. 3.1).
 
 Scores (DESIGN.md): S̃(i,c) = s·cos(x̃ⁱ, t_c), S*(i,c) = s·cos(x_origⁱ, t_c), ŷ_c = s·cos(h_mm^(c), t_c),
-with s = the backbone's logit_scale.exp(), fixed (also the WPS τ, App. A).
-Class-attentive feature: x_vis^(c) = mean of the top-K refined patches by S̃(·,c), L2-normalised,
-plus the L2-normalised global image feature (the "sum" combination; README explains the choice).
+with s = the backbone's logit_scale.exp(), fixed.
+Class-attentive feature: x_vis^(c) = g + α ⊙ p_c, g the L2-normalised global image feature, p_c the
+L2-normalised mean of the top-K refined patches by S̃(·,c), α a learnt weight that starts at zero:
+with the ATM's residual branches also at zero, an untrained DART scores exactly as the frozen VLP
+(docs/model.md explains the choices where the paper is silent).
 """
 from __future__ import annotations
 

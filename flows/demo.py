@@ -163,7 +163,7 @@ def seed_statistics(runs: list[dict]) -> dict:
 @flow(name="demo")
 def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, seed: int = 0, vlp_steps: int = 300,
               epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None,
-              train_seeds: list[int] | None = None) -> dict:
+              train_seeds: list[int] | None = None, batch_size: int = DEMO_TRAIN["batch_size"]) -> dict:
     from flows.annotate import annotate_flow
     from flows.crg import MineOptions, run_mining
     from flows.evaluate import audit_flow, evaluate_flow
@@ -194,7 +194,7 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
     world_crg().write(world)
     crg = mined if source == "llm" else str(world)
     log(f"CRG: {'mined from the LLM endpoint' if source == 'llm' else 'the world relations (no OpenAI-compatible endpoint configured: OPENAI_BASE_URL / OPENAI_API_KEY), the stand-in for the LLM CRG'}")
-    train_cfg = dict(DEMO_TRAIN, epochs=epochs)
+    train_cfg = dict(DEMO_TRAIN, epochs=epochs, batch_size=batch_size)
     results = {"crg_source": "llm" if source == "llm" else "world", "vlp": vlp, "train_seeds": train_seeds}
     zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
     zs_pred = wd / "predictions" / "zero_shot"

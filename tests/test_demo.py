@@ -12,8 +12,12 @@ def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    res = demo_flow(str(tmp_path / "demo"), n_train=160, n_test=60, vlp_steps=10, epochs=2)
-    assert res["crg_source"] == "similarity"
+    res = demo_flow(str(tmp_path / "demo"), n_train=160, n_test=60, vlp_steps=10, epochs=2, batch_size=32,
+                    train_seeds=[0, 1])
+    assert res["crg_source"] == "world"  # no endpoint: the world's relations stand in for the LLM's
+    st = res["dart_seeds"]
+    assert st["runs"] == 2 and set(st["mean"]) == set(st["spread"]) and 0 <= st["spread"]["zsl_mAP"] <= 1
+    assert 0 <= res["dart"]["seen"]["mAP"] <= 1 and res["zero_shot"]["seen"]["classes"] == 23
     for name in ("zero_shot", "dart"):
         pred = Path(res[name]["pred"]) if name == "dart" else tmp_path / "demo" / "predictions" / "zero_shot"
         for table in ("scores", "tags", "labels", "errors"):
@@ -25,7 +29,8 @@ def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
             assert 0.0 <= res[name]["localization"][setting] <= 1.0
     assert Path(res["report"]).read_text().count("<tr class='class'>") == 30
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["dart"]["checkpoint"].endswith("model.pt")
-    assert "DART" in format_results(res)
+    table = format_results(res)
+    assert "DART, mean of 2 seeds" in table and "seen mAP" in table
 
 
 def test_demo_variant_is_retrained_when_its_inputs_change(tmp_path):

@@ -14,7 +14,8 @@ def demo(
     workdir: str = typer.Option("demo", help="Where everything is written (reruns reuse what is there)."),
     n_train: int = typer.Option(3000, help="Training images."),
     n_test: int = typer.Option(600, help="Test images."),
-    epochs: int = typer.Option(20, help="DART training epochs (batch 256; the paper's NUS-WIDE/COCO schedule)."),
+    epochs: int = typer.Option(20, help="DART training epochs (the paper's NUS-WIDE/COCO schedule)."),
+    batch_size: int = typer.Option(256, help="DART training batch (the paper's)."),
     train_seed: List[int] = typer.Option([0], help="DART training seed; repeat it (--train-seed 0 --train-seed 1 ...) "
                                                    "to train once per seed and report the mean and spread."),
     vlp_steps: int = typer.Option(300, help="Contrastive pretraining steps of the small VLP (cached)."),
@@ -25,7 +26,7 @@ def demo(
     """generate -> shard -> VLP -> CRG -> train -> annotate -> eval -> audit, printing the ZSL/GZSL table."""
     from flows.demo import demo_flow, format_results
 
-    res = demo_flow(workdir, n_train, n_test, 0, vlp_steps, epochs, ablations, vlp_cache, list(train_seed))
+    res = demo_flow(workdir, n_train, n_test, 0, vlp_steps, epochs, ablations, vlp_cache, list(train_seed), batch_size)
     typer.echo(f"\nCRG: {res['crg_source']}    VLP: {res['vlp']}")
     typer.echo("test split, percent (loc = top patch inside the class's box):")
     typer.echo(format_results(res))
