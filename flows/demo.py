@@ -97,12 +97,23 @@ def crg_source_available() -> str:
 
 
 def training_code_hash() -> str:
-    """What a trained variant also depends on: the model and training code."""
-    import dart_core
-    from flows.vlp import files_hash
+    """What a trained variant also depends on: the model and training code — its syntax tree
+    without docstrings (comments are not in the tree), so editing the prose retrains nothing."""
+    import ast
 
-    root = Path(dart_core.__file__).parent
-    return files_hash(root / n for n in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"))
+    import dart_core
+
+    h = hashlib.sha256()
+    for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"):
+        tree = ast.parse((Path(dart_core.__file__).parent / name).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + b"\0" + ast.dump(tree).encode())
+    return h.hexdigest()[:16]
 
 
 def reuse_run_dir(run_dir: Path, spec: dict) -> Path:
@@ -135,7 +146,9 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     spec = {"model": cfg, "train": train_cfg, "crg_source": crg_source, "shards": shards, "code": training_code_hash(),
             "crg_sha256": hashlib.sha256(Path(crg).read_bytes()).hexdigest() if crg and crg_source == "file" else None}
     reuse_run_dir(run_dir, spec)
-    if not ckpt.exists():  # a crashed run resumes from its last.pt
+    # model.pt appears after the first validation (the best epoch so far); a run is finished when
+    # history.jsonl is written. A stopped run resumes from its last.pt.
+    if not (ckpt.exists() and (run_dir / "history.jsonl").exists()):
         train_flow(f"{shards}/train", classes, str(run_dir), cfg, train_cfg, crg, crg_source)
     pred = workdir / "predictions" / name
     annotate_flow(str(ckpt), f"{shards}/test", classes, str(pred), crg if crg_source == "file" else None,

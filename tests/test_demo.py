@@ -51,3 +51,23 @@ def test_demo_variant_is_retrained_when_its_inputs_change(tmp_path):
     (run / "spec.json").unlink()  # a folder from before spec.json existed: not trusted
     reuse_run_dir(run, changed)
     assert sorted(p.name for p in run.iterdir()) == ["spec.json"]
+
+
+def test_training_code_hash_follows_code_not_prose(tmp_path, monkeypatch):
+    import shutil
+
+    import dart_core
+    from flows.demo import training_code_hash
+
+    pkg = tmp_path / "dart_core"
+    shutil.copytree(Path(dart_core.__file__).parent, pkg, ignore=shutil.ignore_patterns("data", "world", "__pycache__"))
+    monkeypatch.setattr(dart_core, "__file__", str(pkg / "__init__.py"))
+    before = training_code_hash()
+    losses = pkg / "losses.py"
+    src = losses.read_text()
+    doc = '"""'
+    head = src.index(doc)
+    losses.write_text(src[:head + 3] + "Reworded. " + src[head + 3:] + "\n# a new comment\n")
+    assert training_code_hash() == before  # docstrings and comments retrain nothing
+    losses.write_text(src.replace("def ", "def _unused():\n    return 1\n\n\ndef ", 1))
+    assert training_code_hash() != before  # code does
