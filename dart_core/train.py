@@ -199,7 +199,7 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
     if val_data is not None and step == 0 and best is None:
         validate(0)  # the frozen VLP's own score: training must beat it to replace it
     model.train()
-    t0 = time.time()
+    t0, step0 = time.time(), step
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         n_in_epoch = 0
@@ -245,7 +245,7 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
                 grads_txt = " ".join(f"{k[5:]} {v:.2g}" for k, v in diag.items() if k.startswith("grad_") and v)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} {terms_txt} | grad {grads_txt} | "
                     f"|Δx̃|/|x| {diag.get('delta_rel', 0):.3f} α {diag.get('alpha', 0):.3f} lr {rec['lr']:.2e} "
-                    f"λ {lam:.2f} ({time.time() - t0:.0f}s)")
+                    f"λ {lam:.2f} | {progress(step - step0, total - step, time.time() - t0, len(labels) * world)}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 checkpoint(epoch)
         if n_in_epoch + skip < steps_per_epoch and step < total:
@@ -267,6 +267,20 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             log(f"model.pt: the weights after epoch {b['epoch']} (validation seen mAP {100 * b['mAP']:.2f})")
     model.eval()
     return history
+
+
+def progress(done_steps: int, left_steps: int, seconds: float, global_batch: int) -> str:
+    """`123 img/s, 4m05s elapsed, ETA 12m30s` for a log line (rate over the steps of this process:
+    a resumed run does not count the steps it skipped)."""
+    def clock(t: float) -> str:
+        t = int(round(t))
+        return f"{t // 3600}h{t % 3600 // 60:02d}m" if t >= 3600 else f"{t // 60}m{t % 60:02d}s"
+
+    if done_steps <= 0 or seconds <= 0:
+        return f"{clock(seconds)} elapsed"
+    per_step = seconds / done_steps
+    return (f"{done_steps * global_batch / seconds:.0f} img/s, {clock(seconds)} elapsed, "
+            f"ETA {clock(per_step * left_steps)}")
 
 
 class RepeatingBatches:

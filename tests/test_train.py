@@ -31,6 +31,15 @@ def test_schedules():
     assert lambda_at(0, 11) == 1.0 and lambda_at(5, 11) == pytest.approx(0.5) and lambda_at(10, 11) == 0.0
 
 
+def test_progress_rate_and_eta():
+    from dart_core.train import progress
+
+    # 10 steps of 256 images in 20 s: 128 img/s; 90 steps left at 2 s each: 3 minutes
+    assert progress(10, 90, 20.0, 256) == "128 img/s, 0m20s elapsed, ETA 3m00s"
+    assert progress(100, 2000, 3600.0, 64) == "2 img/s, 1h00m elapsed, ETA 20h00m"
+    assert progress(0, 10, 0.4, 64) == "0m00s elapsed"
+
+
 def test_few_hundred_steps_drive_loss_down_and_map_up(tiny_model, vocab, tmp_path):
     x, y = fixed_batch(16)
     tiny_model.eval()
