@@ -12,9 +12,16 @@ untrained ATM is the identity and training starts from the VLP's own zero-shot s
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
-from torch_geometric.nn import GATv2Conv
+
+with warnings.catch_warnings():
+    # torch_geometric applies torch.jit.script to a class at import time; torch 2.14 deprecates
+    # that call with a FutureWarning we can do nothing about. Silenced for this import only.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from torch_geometric.nn import GATv2Conv
 
 
 class GATv2Residual(nn.Module):

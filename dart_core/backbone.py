@@ -10,6 +10,10 @@ nothing DART attaches can change it.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +55,134 @@ def patch_grid(model_name: str) -> tuple[int, int]:
     return size[0] // patch, size[1] // patch
 
 
+# ---- where the weights come from -----------------------------------------------------------------
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+PROBE_TIMEOUT_S = 3.0
+
+
+def is_weights_file(model_name: str, pretrained: str | None) -> bool:
+    """Whether `pretrained` names a local weights file rather than an open_clip tag."""
+    if not pretrained:
+        return False
+    if pretrained.endswith(_WEIGHT_SUFFIXES) or "/" in pretrained or os.sep in pretrained:
+        return True
+    import open_clip
+
+    return Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(model_name, pretrained)
+
+
+_sha_memo: dict = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised per path, size and mtime)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _sha_memo[key] = h.hexdigest()
+    return _sha_memo[key]
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Drop open_clip's root-logger warning "No pretrained weights loaded ... initialized randomly"
+    while building a model whose random initialisation is intended (pretraining from scratch,
+    `--pretrained none`); any other log record passes."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to host:port opens within `timeout` s (name lookup included,
+    which has no timeout of its own, hence the thread); else the reason."""
+    import socket
+    import threading
+
+    result: list = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e}")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g} s"
+
+
+def _proxy_for(url: str) -> tuple[str, int] | None:
+    import urllib.request
+    from urllib.parse import urlparse
+
+    proxies = urllib.request.getproxies()
+    u = urlparse(url)
+    if urllib.request.proxy_bypass(u.hostname or ""):
+        return None
+    proxy = proxies.get(u.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    pu = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return (pu.hostname, pu.port or (443 if pu.scheme == "https" else 80)) if pu.hostname else None
+
+
+def check_downloadable(model_name: str, tag: str, cache_dir: str | None = None) -> None:
+    """Before open_clip downloads the weights of a pretrained tag: if they are neither in the local
+    cache nor reachable, raise one BackboneError at once (huggingface_hub would retry for about a
+    minute before failing)."""
+    import open_clip
+    from urllib.parse import urlparse
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg or "file" in cfg:
+        return  # not a tag (open_clip names the problem), or weights already on disk
+    hub_id = cfg.get("hf_hub", "")
+    use_hub = bool(hub_id) and open_clip.pretrained.has_hf_hub()
+    offline = False
+    if use_hub:  # the file names open_clip asks the hub for, safetensors first
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub_id)
+        filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+        alternatives = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda f: ())
+        for name in (*alternatives(filename), filename):
+            if isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str):
+                return
+        where = constants.HF_HUB_CACHE if cache_dir is None else cache_dir
+        url = f"{constants.ENDPOINT}/{repo}"
+        offline = constants.HF_HUB_OFFLINE
+    else:
+        url = cfg.get("url", "")
+        if not url:
+            return
+        where = cache_dir or os.path.expanduser("~/.cache/clip")
+        if os.path.isfile(os.path.join(where, os.path.basename(url))):
+            return
+    u = urlparse(url)
+    target = _proxy_for(url) or (u.hostname, u.port or (443 if u.scheme == "https" else 80))
+    why = "HF_HUB_OFFLINE is set" if offline else _reachable(*target)
+    if why is None:
+        return
+    raise BackboneError(
+        f"cannot fetch the pretrained weights {model_name}/{tag}: they are not in the local cache ({where}) and "
+        f"{target[0]} cannot be reached ({why}); download the checkpoint file on a connected machine and pass "
+        f"--pretrained /path/to/file.pt")
+
+
 @dataclass
 class VisionFeatures:
     block_inputs: list[torch.Tensor]  # x_orig^{l-1} for the last n blocks, (B, 1+P, width) each
@@ -70,12 +202,20 @@ class FrozenBackbone(nn.Module):
         register_model_configs()
         if model_name not in open_clip.list_models():
             raise BackboneError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
-        if pretrained and (pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or "/" in pretrained):
+        # A weights file is kept by its absolute path (a checkpoint then loads from any working
+        # directory) and its content hash (what a resumed run compares, not the path's spelling).
+        self.pretrained_sha256: str | None = None
+        if is_weights_file(model_name, pretrained):
             if not Path(pretrained).is_file():
                 raise BackboneError(f"pretrained checkpoint {pretrained!r} not found")
+            pretrained = str(Path(pretrained).resolve())
+            self.pretrained_sha256 = file_sha256(pretrained)
+        elif pretrained:
+            check_downloadable(model_name, pretrained, cache_dir)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+            with quiet_random_init() if not pretrained else contextlib.nullcontext():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
         except RuntimeError as e:  # open_clip's message for unknown tags / mismatched state dicts
             raise BackboneError(f"cannot load {model_name!r} with pretrained={pretrained!r}: {e}") from None
         self.model_name = model_name

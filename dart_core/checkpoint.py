@@ -32,7 +32,9 @@ def save_checkpoint(path: str | Path, model: DART, vocab: Vocabulary, extra: dic
         "format": FORMAT,
         "code_version": __version__,
         "config": model.cfg.to_dict(),
+        # pretrained: an open_clip tag, or a weights file by its absolute path + content hash
         "backbone": {"name": model.cfg.backbone, "pretrained": model.cfg.pretrained,
+                     "pretrained_sha256": getattr(model.backbone, "pretrained_sha256", None),
                      "fingerprint": model.backbone_fingerprint()},
         "vocab": vocab_record(vocab),
         "state_dict": model.trainable_state_dict(),
@@ -49,11 +51,29 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, foreign objects refused by weights_only
-        raise CheckpointError(f"{path}: not a readable DART checkpoint ({type(e).__name__}: {e})") from None
+    except Exception:  # pickle errors, truncated files, foreign objects refused by weights_only
+        # not torch's message: it advises weights_only=False, which runs whatever code the file holds
+        raise CheckpointError(f"{path}: not a readable DART checkpoint (corrupt, truncated, or not written by "
+                              "`dart train`)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a DART checkpoint (format {doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r})")
     return doc
+
+
+def backbone_change(doc: dict, model: DART) -> str | None:
+    """None when `model` runs on the frozen weights the checkpoint was trained on, else what
+    differs. Weights files are compared by content hash, not by how their path is spelled;
+    otherwise (tags, checkpoints from before the hash was stored) by the weight fingerprint."""
+    old = doc["backbone"]
+    if old["name"] != model.cfg.backbone:
+        return f"backbone {old['name']} vs {model.cfg.backbone}"
+    a, b = old.get("pretrained_sha256"), getattr(model.backbone, "pretrained_sha256", None)
+    if a and b:
+        return None if a == b else (f"weights {old['pretrained']} (sha256 {a[:16]}) vs {model.cfg.pretrained} "
+                                    f"(sha256 {b[:16]})")
+    fp = model.backbone_fingerprint()
+    return None if old["fingerprint"] == fp else (f"weights {old['pretrained']} ({old['fingerprint']}) vs "
+                                                  f"{model.cfg.pretrained} ({fp})")
 
 
 def check_vocabulary(doc: dict, vocab: Vocabulary, where: str, exact: bool = False) -> None:
@@ -83,6 +103,9 @@ def load_model(path: str | Path, device: str = "cpu", backbone: str | None = Non
         raise CheckpointError(f"{path}: trained on backbone {cfg.backbone!r}, asked to load onto {backbone!r}")
     if pretrained is not None:
         cfg.pretrained = pretrained
+    elif doc["backbone"].get("pretrained_sha256") and not Path(cfg.pretrained).is_file():
+        raise CheckpointError(f"{path}: trained on the backbone weights {cfg.pretrained} "
+                              f"(sha256 {doc['backbone']['pretrained_sha256'][:16]}), which are no longer there")
     model = DART(cfg, device=device)
     fp = model.backbone_fingerprint()
     if fp != doc["backbone"]["fingerprint"]:

@@ -46,9 +46,11 @@ def ap_per_class(con, zsl: bool) -> None:
 
 
 def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
-    """{"zsl"|"gzsl": {"mAP": .., "P@k": .., "R@k": .., "F1@k": .., "images": n, "classes": n},
-    "seen": {"mAP": .., "classes": n}} as fractions; "seen" is the mAP of the seen classes alone
-    (the classes a model was trained on), present when the vocabulary has unseen classes."""
+    """{"zsl"|"gzsl": {"mAP": .., "P@k": .., "R@k": .., "F1@k": .., "classes": n,
+    "classes_with_positives": n, "images": n, "labelled_images": n}, "seen": {"mAP": .., counts}}
+    as fractions; "seen" is the mAP of the seen classes alone (the classes a model was trained on),
+    present when the vocabulary has unseen classes. `images`: scored images (P/R/F1@K count them
+    all); `labelled_images`: those with a known label for one of the setting's classes."""
     con = connect(pred_dir)
     has_unseen = con.execute("SELECT count(*) FROM vocab WHERE unseen").fetchone()[0] > 0
     out = {}
@@ -63,22 +65,73 @@ def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
         for k in ks:
             p, r, f1, _, n_images, _ = run(con, "eval_prf_at_k", zsl=zsl, k=int(k)).fetchone()
             row.update({f"P@{k}": p, f"R@{k}": r, f"F1@{k}": f1})
-            row["images"] = int(n_images)
+        row.update(_image_counts(con, zsl=zsl, seen_only=False))
         out[setting] = row
     if has_unseen:  # ap_per_class holds the GZSL classes now
         m, with_pos, n_classes = run(con, "eval_map", legacy=legacy, seen_only=True).fetchone()
         out["seen"] = {"mAP": float("nan") if m is None else float(m), "classes": int(n_classes),
-                       "classes_with_positives": int(with_pos)}
+                       "classes_with_positives": int(with_pos), **_image_counts(con, zsl=False, seen_only=True)}
     return out
 
 
+def _image_counts(con, **variables) -> dict:
+    images, labelled = run(con, "eval_counts", **variables).fetchone()
+    return {"images": int(images), "labelled_images": int(labelled)}
+
+
 def format_table(results: dict, ks) -> str:
+    """Percentages per setting, then what they rest on: classes with a positive label of the
+    setting's classes, and images with a known label in the setting of the images scored."""
     cols = ["mAP"] + [f"{m}@{k}" for k in ks for m in ("P", "R", "F1")]
-    lines = ["setting  " + "  ".join(f"{c:>7}" for c in cols)]
+    lines = ["setting  " + "  ".join(f"{c:>7}" for c in cols) + f"  {'classes':>11}  {'images':>15}"]
     for setting, row in results.items():
+        classes = f"{row['classes_with_positives']}/{row['classes']}"
+        images = f"{row['labelled_images']}/{row['images']}" if "labelled_images" in row else ""
+        counts = f"  {classes:>11}  {images:>15}"
         lines.append(f"{setting.upper():<7}  " + "  ".join(f"{100 * row[c]:7.2f}" if c in row else f"{'':>7}"
-                                                          for c in cols))
+                                                          for c in cols) + counts)
+    lines.append("classes: with a positive label / in the setting; images: with a known label in the setting / scored")
     return "\n".join(lines)
+
+
+def _names(rows: list, most: int = 3) -> str:
+    names = ", ".join(str(r) for r in rows[:most])
+    return names + (f", … ({len(rows) - most} more)" if len(rows) > most else "")
+
+
+def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
+    """Why the numbers of `evaluate` may not mean what they seem, one line each (no line: none):
+    shards of the run that have no finished output, classes without a negative label (AP 1
+    whatever the scores) and classes without a positive label (no AP)."""
+    import json
+
+    from dart_core.infer import shard_id
+
+    pred_dir = Path(pred_dir)
+    out = []
+    run_file = pred_dir / "run.json"
+    if not run_file.is_file():
+        out.append(f"{run_file} is missing: cannot tell whether every shard of the run was annotated")
+    else:
+        wanted = [shard_id(u) for u in json.loads(run_file.read_text()).get("shards", [])]
+        missing = [s for s in wanted if not ((pred_dir / "_done" / f"{s}.json").is_file()
+                                             and (pred_dir / "scores" / f"shard={s}").is_dir())]
+        if missing:
+            out.append(f"{pred_dir}: {len(wanted) - len(missing)} of {len(wanted)} shards of the run are finished; "
+                       f"not finished: {_names(missing)}; the numbers do not cover the whole run "
+                       "(rerun the same `dart annotate` to finish it)")
+    con = connect(pred_dir)
+    rows = run(con, "eval_class_labels").fetchall()
+    no_neg = [name for _, _, name, _, pos, neg in rows if pos and not neg]
+    no_pos = [name for _, _, name, _, pos, _ in rows if not pos]
+    if no_neg:
+        out.append(f"{len(no_neg)} of {len(rows)} classes have no negative label ({_names(no_neg)}): their AP is "
+                   "100 whatever the scores; if the label files list only the classes present, shard them with "
+                   "absent classes as negatives (`dart shard --absent negative`, the default)")
+    if no_pos:
+        fate = "count as AP 0 (--legacy)" if legacy else "are left out of mAP"
+        out.append(f"{len(no_pos)} of {len(rows)} classes have no positive label ({_names(no_pos)}): they {fate}")
+    return out
 
 
 def audit(pred_dir: str | Path, top: int = 3, limit: int = 50, temperature: float = 0.1) -> dict:

@@ -1,4 +1,4 @@
-"""Bulk inference: tag every sample of a shard and write the prediction tables of DESIGN.md.
+"""Bulk inference: tag every sample of a shard and write the prediction tables (docs/annotate.md).
 
 Per shard `S` (read whole, in order, by one DataLoader worker so decoding overlaps compute):
     PRED/scores/shard=S/part.parquet   image_id, scores list<float16> (vocabulary order)
@@ -18,6 +18,7 @@ import json
 import shutil
 import tarfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dart_core.interrupt import check as check_interrupt
 from dart_core.metrics import ranked_known
 from dart_core.vocab import Vocabulary
 
@@ -122,12 +124,16 @@ def shard_batches(url: str, vocab: Vocabulary, preprocess, batch_size: int, num_
         return _ThreadPrefetch(pipeline, depth=4)
     # one shard -> only one worker can read it: more would idle, so cap at 1 (overlap, not split)
     # forkserver: shard tasks run in threads, and fork() from a threaded process can deadlock
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=4,
-                                       multiprocessing_context="forkserver")
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=4,
+                                         multiprocessing_context="forkserver")
+    # waited on through a thread: the worker takes seconds to start, and Ctrl-C must not wait for it
+    return _ThreadPrefetch(loader, depth=1)
 
 
 class _ThreadPrefetch:
-    """Iterate `source` in a background thread, `depth` batches ahead."""
+    """Iterate `source` in a background thread, `depth` batches ahead. The consumer waits in short
+    slices and stops on Ctrl-C (dart_core.interrupt) even while `source` has not yielded yet; the
+    thread then drops `source` at its next item."""
 
     def __init__(self, source, depth: int = 4):
         self.source, self.depth = source, depth
@@ -138,20 +144,42 @@ class _ThreadPrefetch:
 
         q: queue.Queue = queue.Queue(self.depth)
         done = object()
+        consumer_gone = threading.Event()
+
+        def put(item) -> bool:
+            while not consumer_gone.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
         def work():
             try:
                 for item in self.source:
-                    q.put(item)
+                    if not put(item):
+                        return
             except BaseException as e:  # noqa: BLE001 — re-raised in the consumer
-                q.put(e)
-            q.put(done)
+                put(e)
+                return
+            put(done)
 
         threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        try:
+            while True:
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    check_interrupt()
+                    continue
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            consumer_gone.set()
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -171,6 +199,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     done = pred_dir / "_done" / f"{sid}.json"
     if done.exists():
         return json.loads(done.read_text()) | {"skipped": True}
+    check_interrupt()  # a shard task that starts after Ctrl-C stops before starting its reader
     t0 = time.time()
     stage = pred_dir / "_staging" / sid
     shutil.rmtree(stage, ignore_errors=True)
@@ -183,6 +212,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_ok = 0
     for batch in shard_batches(url, vocab, model.backbone.preprocess, cfg.batch_size, cfg.num_workers):
+        check_interrupt()  # Ctrl-C: drop this shard's staged rows; a rerun redoes the shard whole
         good = [b for b in batch if b[3] is None]
         for _, _, key, err in batch:
             if err is not None:
@@ -262,27 +292,73 @@ def vocab_table(vocab: Vocabulary, thresholds: np.ndarray | None) -> pa.Table:
     })
 
 
+# the inputs that make a run's predictions comparable, as named in messages
+IDENTITY = {"checkpoint_hash": "checkpoint", "vocab_hash": "vocabulary", "crg_hash": "CRG"}
+
+
+def identity_differences(old: dict, new: dict) -> str:
+    """'its CRG was 9b0d4e77, this run's is 3f2a9c1e' for each identity input that differs ('' if
+    none); hashes cut to the shortest prefix (8 characters at least) that tells the two apart."""
+    parts = []
+    for key, what in IDENTITY.items():
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        n = 8
+        while a and b and n < max(len(a), len(b)) and a[:n] == b[:n]:
+            n += 4
+        parts.append(f"its {what} was {a[:n] if a else 'none'}, this run's is {b[:n] if b else 'none'}")
+    return "; ".join(parts)
+
+
+@contextmanager
+def output_lock(pred_dir: str | Path):
+    """Hold PRED for one run at a time. An flock, so the kernel releases it however the holder
+    ends (error, Ctrl-C, kill -9): a dead run never blocks the next, a live one always does."""
+    import fcntl
+    import os
+    import socket
+
+    pred_dir = Path(pred_dir)
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    with open(pred_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise AnnotateError(f"{pred_dir} is being written by another run ({holder}); wait for it to end "
+                                "or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")  # for that message only
+        f.flush()
+        yield
+
+
 def prepare_output(pred_dir: str | Path, run_meta: dict, vocab: Vocabulary, thresholds: np.ndarray | None,
                    mode: str = "new") -> None:
-    """Claim PRED for this run. mode: new (refuse a folder holding another run's predictions),
-    append (same run identity: continue / add shards), overwrite (delete what is there)."""
+    """Claim PRED for this run (call it under `output_lock`). mode: new (refuse a folder holding
+    another run's predictions), append (same run identity: continue / add shards), overwrite
+    (delete what is there). A run.json whose run finished no shard holds no predictions: a run
+    that failed or was stopped early never blocks the next, whatever its inputs were."""
     pred_dir = Path(pred_dir)
     run_file = pred_dir / "run.json"
-    identity = {k: run_meta[k] for k in ("checkpoint_hash", "vocab_hash", "crg_hash")}
+    identity = {k: run_meta[k] for k in IDENTITY}
     if run_file.exists():
         old = json.loads(run_file.read_text())
-        same = {k: old.get(k) for k in identity} == identity
-        if mode == "overwrite":
+        differs = identity_differences(old, identity)
+        finished_any = any((pred_dir / "_done").glob("*.json"))
+        if mode == "overwrite" or (differs and not finished_any):
             for name in (*TABLES, "vocab", "_done", "_staging"):
                 shutil.rmtree(pred_dir / name, ignore_errors=True)
             run_file.unlink()
-        elif not same and mode != "append":
-            raise AnnotateError(f"{pred_dir} holds predictions of another run (checkpoint {old.get('checkpoint_hash')}, "
-                                f"vocabulary {old.get('vocab_hash')}); pass --mode overwrite or use another --out")
-        elif not same and mode == "append":
-            raise AnnotateError(f"{pred_dir}: cannot append predictions of checkpoint {identity['checkpoint_hash']} / "
-                                f"vocabulary {identity['vocab_hash']} to a run of {old.get('checkpoint_hash')} / "
-                                f"{old.get('vocab_hash')}: the tables would mix two models")
+        elif differs and mode != "append":
+            raise AnnotateError(f"{pred_dir} holds predictions of another run ({differs}); pass --mode overwrite "
+                                "or use another --out")
+        elif differs:
+            raise AnnotateError(f"{pred_dir}: cannot append to the predictions there ({differs}): the tables "
+                                "would mix two models")
     elif pred_dir.exists() and any(p.name in TABLES for p in pred_dir.iterdir()) and mode != "overwrite":
         raise AnnotateError(f"{pred_dir} already holds prediction tables but no run.json; use --mode overwrite")
     pred_dir.mkdir(parents=True, exist_ok=True)

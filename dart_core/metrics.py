@@ -1,4 +1,4 @@
-"""Evaluation metrics (paper App. B; contracts in DESIGN.md). NumPy in; labels in {1, -1, 0 (unknown)}.
+"""Evaluation metrics (paper App. B; docs/annotate.md). NumPy in; labels in {1, -1, 0 (unknown)}.
 
 Unknown labels (0) are masked out of every metric: they are neither positives nor negatives.
 ZSL = restricted to the unseen classes, GZSL = all classes.

@@ -1,6 +1,6 @@
 """DART = frozen backbone + ARM + top-K class-attentive aggregation + ATM (paper Fig. 2, Sec. 3.1).
 
-Scores (DESIGN.md): S̃(i,c) = s·cos(x̃ⁱ, t_c), S*(i,c) = s·cos(x_origⁱ, t_c), ŷ_c = s·cos(h_mm^(c), t_c),
+Scores: S̃(i,c) = s·cos(x̃ⁱ, t_c), S*(i,c) = s·cos(x_origⁱ, t_c), ŷ_c = s·cos(h_mm^(c), t_c),
 with s = the backbone's logit_scale.exp(), fixed.
 Class-attentive feature: x_vis^(c) = g + α ⊙ p_c, g the L2-normalised global image feature, p_c the
 L2-normalised mean of the top-K refined patches by S̃(·,c), α a learnt weight that starts at zero:
@@ -10,7 +10,7 @@ with the ATM's residual branches also at zero, an untrained DART scores exactly 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -115,6 +115,9 @@ class DART(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone or FrozenBackbone(cfg.backbone, cfg.pretrained, cfg.prompt_template, device=device)
+        if getattr(self.backbone, "pretrained_sha256", None) and cfg.pretrained != self.backbone.pretrained:
+            # a weights file: the config (and so the checkpoint) names it by its absolute path
+            self.cfg = cfg = replace(cfg, pretrained=self.backbone.pretrained)
         D = self.backbone.embed_dim
         self.arm = ARM(self.backbone, cfg.arm_layers, cfg.lora_r, cfg.lora_alpha, cfg.arm_ffn_hidden) if cfg.use_arm else None
         self.atm = ATM(D, cfg.gat_heads, cfg.atm_layers) if cfg.use_atm else None

@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from dart_core.checkpoint import check_vocabulary, read_checkpoint, save_checkpoint
+from dart_core.checkpoint import backbone_change, check_vocabulary, read_checkpoint, save_checkpoint
 from dart_core.losses import loss_terms
 from dart_core.model import DART
 from dart_core.vocab import Vocabulary
@@ -120,6 +120,16 @@ def seen_map(model: DART, val_data: Iterable, device) -> float:
     return mean_average_precision(torch.cat(scores).numpy(), torch.cat(labels).numpy())
 
 
+# Why `dart train --pretrained none` is refused rather than run with a seeded random backbone: the
+# checkpoint keeps only DART's own weights, so the frozen backbone must be rebuilt identically to
+# annotate; a seed would tie that to torch's RNG and open_clip's init order across versions, and a
+# random CLIP's image and text towers do not agree, so the tags would mean nothing anyway.
+RANDOM_BACKBONE_REFUSED = (
+    "--pretrained none: a random backbone is not saved with the DART checkpoint, so `dart annotate` could not "
+    "rebuild it (and its image and text towers do not agree); pass an open_clip tag (--pretrained openai) or a "
+    "weights file (--pretrained /path/to/file.pt, e.g. the demo's small VLP: see README, 'Your own data on a CPU')")
+
+
 def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg: TrainConfig,
         steps_per_epoch: int | None = None, device: str = "cpu", log=print,
         val_data: Iterable | None = None) -> list[dict]:
@@ -156,8 +166,12 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
     if last.exists():  # resume after a crash or a stop
         doc = read_checkpoint(last)
         check_vocabulary(doc, vocab, str(last), exact=True)
-        if doc["config"] != model.cfg.to_dict():
+        # the backbone weights are compared by content (a file may be named differently now)
+        if {**doc["config"], "pretrained": None} != {**model.cfg.to_dict(), "pretrained": None}:
             raise ValueError(f"{last}: was trained with another DART config; use a new --out")
+        changed = backbone_change(doc, model)
+        if changed:
+            raise ValueError(f"{last}: was trained on other backbone weights ({changed}); use a new --out")
         model.load_state_dict(doc["state_dict"], strict=False)
         opt.load_state_dict(doc["optimizer"])
         step = int(doc["step"])
@@ -336,6 +350,10 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
     from dart_core.data.reader import list_shards, make_loader
     from dart_core.model import DART
 
+    if not model_cfg.pretrained:
+        from dart_core.backbone import BackboneError
+
+        raise BackboneError(RANDOM_BACKBONE_REFUSED)
     rank, world = init_distributed()
     # The trainable modules' initial weights come from torch's global RNG: seed it here, or a run
     # depends on whatever the process drew before (the demo's ablations differed by ~1 mAP).

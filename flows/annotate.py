@@ -19,6 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows import storage
+from flows.retry import retry_if_transient
 
 _models: dict = {}
 _models_lock = threading.Lock()
@@ -45,7 +46,7 @@ def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, devi
         return _models[key]
 
 
-@task(name="annotate-shard", retries=1, retry_delay_seconds=2)
+@task(name="annotate-shard", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def annotate_shard_task(checkpoint: str, classes_csv: str, crg: str | None, shard_url: str, pred_dir: str,
                         cfg: dict, thresholds_csv: str | None, mm_candidates: int) -> dict:
     from dart_core.infer import AnnotateConfig, annotate_shard, read_thresholds
@@ -159,7 +160,7 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
     from dart_core import __version__
     from dart_core.backbone import patch_grid
     from dart_core.checkpoint import check_vocabulary, read_checkpoint
-    from dart_core.infer import file_hash, prepare_output
+    from dart_core.infer import file_hash, output_lock, prepare_output
     from dart_core.vocab import Vocabulary
 
     logger = get_run_logger()
@@ -167,33 +168,34 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
     doc = read_checkpoint(checkpoint)
     check_vocabulary(doc, vocab, checkpoint)
     shard_list = resolve_shards(shards)
-    if crg:
-        crg = add_new_classes_to_crg(crg, classes_csv, out, doc["backbone"]["name"], doc["backbone"]["pretrained"],
-                                     logger.info)
-    if thresholds_csv is None and Path(classes_csv).with_name("thresholds.csv").exists():
-        thresholds_csv = str(Path(classes_csv).with_name("thresholds.csv"))
-    from dart_core.infer import read_thresholds
+    with output_lock(out):  # released however the run ends: a failed run never blocks the next
+        if crg:
+            crg = add_new_classes_to_crg(crg, classes_csv, out, doc["backbone"]["name"],
+                                         doc["backbone"]["pretrained"], logger.info)
+        if thresholds_csv is None and Path(classes_csv).with_name("thresholds.csv").exists():
+            thresholds_csv = str(Path(classes_csv).with_name("thresholds.csv"))
+        from dart_core.infer import read_thresholds
 
-    th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
-    what = "DART" if score == "dart" else "frozen VLP zero-shot"
-    meta = {"model": f"{what} on {doc['backbone']['name']}/{doc['backbone']['pretrained']}",
-            "checkpoint": str(checkpoint), "checkpoint_hash": file_hash(checkpoint),
-            "crg": crg, "crg_hash": file_hash(crg), "vocab_hash": vocab.hash(), "classes": len(vocab),
-            "unseen_classes": int(vocab.unseen_mask.sum()), "trained_classes": len(doc["vocab"]["ids"]),
-            "code_version": __version__, "shards_root": str(shards), "shards": shard_list,
-            "thresholds": thresholds_csv, "top_m": top_m, "mm_candidates": mm_candidates,
-            "grid": list(patch_grid(doc["backbone"]["name"])), "score": score}
-    prepare_output(out, meta, vocab, th, mode)
-    if score not in ("dart", "zero_shot"):
-        raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")
-    cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
-    runner = make_task_runner(task_runner, dask_address, workers)
-    logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
-    stats = _annotate_shards.with_options(task_runner=runner)(
-        str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)
-    summary = {"shards": len(stats), "images": sum(s["images"] for s in stats),
-               "errors": sum(s["errors"] for s in stats), "skipped": sum(1 for s in stats if s.get("skipped")),
-               "out": str(out)}
-    Path(out, "summary.json").write_text(json.dumps({"summary": summary, "shards": stats}, indent=1))
-    logger.info(f"annotated {summary}")
-    return summary
+        th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
+        what = "DART" if score == "dart" else "frozen VLP zero-shot"
+        meta = {"model": f"{what} on {doc['backbone']['name']}/{doc['backbone']['pretrained']}",
+                "checkpoint": str(checkpoint), "checkpoint_hash": file_hash(checkpoint),
+                "crg": crg, "crg_hash": file_hash(crg), "vocab_hash": vocab.hash(), "classes": len(vocab),
+                "unseen_classes": int(vocab.unseen_mask.sum()), "trained_classes": len(doc["vocab"]["ids"]),
+                "code_version": __version__, "shards_root": str(shards), "shards": shard_list,
+                "thresholds": thresholds_csv, "top_m": top_m, "mm_candidates": mm_candidates,
+                "grid": list(patch_grid(doc["backbone"]["name"])), "score": score}
+        prepare_output(out, meta, vocab, th, mode)
+        if score not in ("dart", "zero_shot"):
+            raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")
+        cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
+        runner = make_task_runner(task_runner, dask_address, workers)
+        logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
+        stats = _annotate_shards.with_options(task_runner=runner)(
+            str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)
+        summary = {"shards": len(stats), "images": sum(s["images"] for s in stats),
+                   "errors": sum(s["errors"] for s in stats), "skipped": sum(1 for s in stats if s.get("skipped")),
+                   "out": str(out)}
+        Path(out, "summary.json").write_text(json.dumps({"summary": summary, "shards": stats}, indent=1))
+        logger.info(f"annotated {summary}")
+        return summary

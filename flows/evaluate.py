@@ -9,11 +9,14 @@ from prefect import flow, get_run_logger
 
 @flow(name="evaluate")
 def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None = None, legacy: bool = False) -> dict:
-    from dart_core.evaluate import evaluate, format_table
+    from dart_core.evaluate import doubts, evaluate, format_table
 
     ks = ks or [3, 5]
     res = evaluate(pred, ks, legacy)
-    get_run_logger().info("\n" + format_table(res, ks))
+    logger = get_run_logger()
+    logger.info("\n" + format_table(res, ks))
+    for note in doubts(pred, legacy):
+        logger.warning(note)
     if json_out:
         write_eval(res, json_out)
     return res

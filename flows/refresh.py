@@ -93,6 +93,7 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
     from dart_core.data import records as R
     from dart_core.data.records import InputRecord, SourceError, safe_key
     from dart_core.data.shard_writer import ShardWriteError, WriterConfig, write_shards
+    from dart_core.data.sources.folder import complete_labels
 
     prefix = prefix.rstrip("/")
     try:
@@ -124,7 +125,7 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
                 err, lab = (R.MALFORMED_LABEL, lab[1]), {}
             elif set(lab) - known_ids:
                 err, lab = (R.UNKNOWN_CLASS, f"{o.key}: unknown class id(s) {sorted(set(lab) - known_ids)}"), {}
-            records.append(InputRecord(key, o.url, lab, src, err))
+            records.append(InputRecord(key, o.url, complete_labels(lab, (), "unknown"), src, err))
             rows.append({"prefix": prefix, "key": o.key, "etag": o.etag, "size": o.size,
                          "sample_key": key, "refreshed_at": now})
         store = storage.shard_store(storage.join(out, split))

@@ -49,36 +49,62 @@ def resolve_vocabulary(out: str, vocab, mode: str):
     return final
 
 
+def check_absent_rule(store, absent: str, mode: str) -> None:
+    """An incremental rerun must label absent classes as the complete shards already did. Shards
+    that do not record the rule (written before it was recorded) are not checked: the demo's, for
+    one, name every class explicitly, so either rule gives them the same labels."""
+    import json
+
+    if mode != "incremental":
+        return
+    for name in sorted(n for n in store.list_names() if n.endswith("_stats.json")):
+        stats = json.loads(store.read_bytes(name))
+        had = stats.get("absent") if stats.get("dataset") == "folder" else None
+        if had is not None and had != absent:
+            raise ShardRunError(f"{store.url_of(name)}: written with --absent {had}, this run asks for --absent "
+                                f"{absent}; rerun with --absent {had} or use --mode overwrite")
+
+
 def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, shard_size: int = 5000,
                  mode: str = "incremental", workers: int | None = None, image_size: int = 256,
-                 max_shard_bytes: int = 1 << 30, progress: bool = True) -> dict:
-    """Shard one source; returns the reconciliation report (ShardReport.to_dict() + vocabulary)."""
+                 max_shard_bytes: int = 1 << 30, progress: bool = True, absent: str | None = None) -> dict:
+    """Shard one source; returns the reconciliation report (ShardReport.to_dict() + vocabulary).
+    `absent` (folder only): what a class an image's labels do not name becomes, "negative"
+    (default) or "unknown"; recorded in every shard's stats file."""
     from dart_core.data.records import SourceError
     from dart_core.data.shard_writer import ShardWriteError, WriterConfig, write_shards
     from dart_core.data.sources import open_source
+    from dart_core.data.sources.folder import ABSENT
 
+    if absent is not None and fmt != "folder":
+        raise ShardRunError(f"--absent applies to --format folder only ({fmt} defines its own negatives)")
+    if absent is not None and absent not in ABSENT:
+        raise ShardRunError(f"--absent {absent!r}: must be one of {'|'.join(ABSENT)}")
+    options = {"absent": absent or "negative"} if fmt == "folder" else {}
     try:
         cfg = WriterConfig(shard_size=shard_size, mode=mode, workers=workers, image_size=image_size,
                            max_shard_bytes=max_shard_bytes, progress=progress)
         fs = storage.StorageFS()
-        src = open_source(fmt, source, split=split, fs=fs)
-        vocab = resolve_vocabulary(out, src.vocab, mode)
+        src = open_source(fmt, source, split=split, fs=fs, **options)
         store = storage.shard_store(storage.join(out, src.split))
+        if options:
+            check_absent_rule(store, options["absent"], mode)
+        vocab = resolve_vocabulary(out, src.vocab, mode)
         report = write_shards(src.records, store, cfg, reader=fs,
-                              meta={"dataset": src.dataset, "split": src.split, "source": source})
+                              meta={"dataset": src.dataset, "split": src.split, "source": source, **options})
     except (SourceError, ShardWriteError) as e:
         raise ShardRunError(str(e)) from None
     d = report.to_dict()
     d.update(split=src.split, dataset=src.dataset, classes=len(vocab), vocab_hash=vocab.hash(),
-             classes_csv=storage.join(out, "classes.csv"))
+             classes_csv=storage.join(out, "classes.csv"), **options)
     return d
 
 
 @task(name="shard-split", cache_policy=NO_CACHE)  # side effects; a rerun must resume, not replay
 def shard_split_task(source: str, fmt: str, out: str, split: str | None, shard_size: int, mode: str,
-                     workers: int | None, image_size: int) -> dict:
+                     workers: int | None, image_size: int, absent: str | None = None) -> dict:
     return shard_source(source, fmt, out, split=split, shard_size=shard_size, mode=mode,
-                        workers=workers, image_size=image_size, progress=False)
+                        workers=workers, image_size=image_size, progress=False, absent=absent)
 
 
 @task(name="reconcile", cache_policy=NO_CACHE)
@@ -90,8 +116,10 @@ def reconcile_task(shard_dir: str) -> dict:
 
 @flow(name="shard")
 def shard(source: str, format: str, out: str, split: str | None = None, shard_size: int = 5000,
-          mode: str = "incremental", workers: int | None = None, image_size: int = 256) -> dict:
-    """Shard SOURCE (format openimages|nuswide|coco|folder) into OUT; returns the report."""
-    report = shard_split_task(source, format, out, split, shard_size, mode, workers, image_size)
+          mode: str = "incremental", workers: int | None = None, image_size: int = 256,
+          absent: str | None = None) -> dict:
+    """Shard SOURCE (format openimages|nuswide|coco|folder) into OUT; returns the report.
+    `absent` (folder only): classes an image's labels do not name are "negative" (default) or "unknown"."""
+    report = shard_split_task(source, format, out, split, shard_size, mode, workers, image_size, absent)
     report["totals"] = reconcile_task(storage.join(out, report["split"]))
     return report

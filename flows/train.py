@@ -10,10 +10,10 @@ from flows import storage
 
 def count_samples(shards_root: str) -> int:
     """ok samples over the complete shards, from their stats files (local or s3)."""
-    from dart_core.data.reader import list_shards
+    from dart_core.data.reader import require_shards
 
     total = 0
-    for tar in list_shards(shards_root):
+    for tar in require_shards(shards_root):
         stats = json.loads(storage.read_bytes(tar[: -len(".tar")] + "_stats.json"))
         total += int(stats["ok"])
     return total
@@ -22,13 +22,18 @@ def count_samples(shards_root: str) -> int:
 @task(name="train-dart")
 def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
                crg: str | None, crg_source: str, device: str, num_workers: int, val_shards: str | None = None) -> str:
-    from dart_core.model import DARTConfig
-    from dart_core.train import TrainConfig, train_on_shards
+    from dart_core.data.reader import require_shards
     from dart_core.vocab import Vocabulary
 
     logger = get_run_logger()
     vocab = Vocabulary.read_csv(classes_csv)
     n = count_samples(shards)
+    if val_shards:
+        require_shards(val_shards, "--val-shards")
+    # seconds of torch / torch_geometric imports: after the input checks, so a mistake shows at once
+    from dart_core.model import DARTConfig
+    from dart_core.train import TrainConfig, train_on_shards
+
     ckpt = train_on_shards(shards, vocab, out_dir, DARTConfig(**model_cfg), TrainConfig(**train_cfg), n,
                            crg_path=crg, crg_source=crg_source, device=device, num_workers=num_workers,
                            log=logger.info, val_shards=val_shards)

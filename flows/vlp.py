@@ -66,4 +66,9 @@ def pretrain_vlp(out_dir: str, n_images: int | None = None, steps: int = 300, se
     code = world_code_hash(model_name)
     exists = checkpoint_path(out_dir, cfg, code).is_file()
     t = pretrain_vlp_task.with_options(refresh_cache=not exists)
-    return t(out_dir, asdict(cfg), code)
+    from dart_core.backbone import quiet_random_init
+
+    # pretraining starts from random weights on purpose: no open_clip warning about it. Here, not in
+    # dart_core/world/vlp.py or the task, whose source keys the cached checkpoint.
+    with quiet_random_init():
+        return t(out_dir, asdict(cfg), code)

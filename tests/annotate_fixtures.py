@@ -28,7 +28,7 @@ def picture(present: list[str]) -> bytes:
 
 
 def write_shard(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
-    """A shard in the DESIGN.md format (tar + stats written last) with webdataset's TarWriter."""
+    """A shard in the format of docs/data.md (tar + stats written last) with webdataset's TarWriter."""
     import webdataset as wds
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ def make_folder(root: Path, n_good: int = 12, with_classes: bool = True) -> dict
     for r in failed.values():
         reasons[r] = reasons.get(r, 0) + 1
     reasons["duplicate_id"] = 1
+    ok = {k: {c: -1 for c in ("cat", "dog", "bird")} | lab for k, lab in ok.items()}  # absent = negative
     return {"ok": ok, "failed": failed, "reasons": reasons, "inputs": len(rows)}
 
 

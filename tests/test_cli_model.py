@@ -78,3 +78,21 @@ def test_training_is_reproducible_whatever_ran_before(tmp_path, tiny_clip_ckpt):
     assert states[0].keys() == states[1].keys() and len(states[0]) > 10
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_train_refuses_a_random_backbone(tmp_path):
+    import pytest
+
+    from dart_core.model import DARTConfig
+    from dart_core.train import RANDOM_BACKBONE_REFUSED, TrainConfig, train_on_shards
+    from dart_core.vocab import Vocabulary
+
+    Vocabulary.from_names(list(COLOURS), unseen={"yellow"}).write_csv(tmp_path / "classes.csv")
+    make_shards(tmp_path / "shards", n_shards=1)
+    r = CliRunner().invoke(app, ["train", "--shards", str(tmp_path / "shards"), "--classes", str(tmp_path / "classes.csv"),
+                                 "--out", str(tmp_path / "run"), "--backbone", "dart-tiny-vit", "--pretrained", "none"])
+    assert r.exit_code == 2 and r.output == f"error: {RANDOM_BACKBONE_REFUSED}\n"
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--pretrained none: a random backbone is not saved"):
+        train_on_shards(str(tmp_path / "shards"), Vocabulary.read_csv(tmp_path / "classes.csv"), tmp_path / "run",
+                        DARTConfig(backbone="dart-tiny-vit", pretrained=None), TrainConfig(), n_samples=6)

@@ -63,7 +63,7 @@ def test_s3_source_to_s3_shards_and_reader(s3_bucket):
     for imgs, lab, k in make_loader(shards, vocab, lambda im: torch.zeros(3, 4, 4), 4, train=False, num_workers=2):
         got.update(zip(k, lab.tolist()))
     assert sorted(got) == sorted(keys)
-    assert got["img_p0"] == [-1, 1] and got["img_p1"] == [1, 0]
+    assert got["img_p0"] == [-1, 1] and got["img_p1"] == [1, -1]  # "cat": dog, not named, is a negative
     # incremental rerun against S3: nothing new
     r = shard_source(src, "folder", out, shard_size=4, workers=1, progress=False)
     assert (r["skipped"], r["ok"], r["new_shards"]) == (12, 0, [])

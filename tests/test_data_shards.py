@@ -244,3 +244,73 @@ def test_kill9_exactly_once(tmp_path):
     assert Counter((r["status"], r["reason"]) for r in rows) == {("ok", None): 150, ("failed", "missing_file"): 1,
                                                                  ("failed", "duplicate_id"): 1}
     assert not list(d.glob("*.tmp*")) and all(t.with_name(t.stem + "_stats.json").exists() for t in d.glob("*.tar"))
+
+
+def positive_only_folder(root: Path) -> None:
+    """4 images, a positive-only labels file (with `-` and `?` marks on two rows), 4 classes."""
+    (root / "img").mkdir(parents=True)
+    rows = [("img/a.jpg", "cat"), ("img/b.jpg", "cat|?dog"), ("img/c.jpg", "dog|-bird|?fish"), ("img/d.jpg", "")]
+    for i, (rel, _) in enumerate(rows):
+        (root / rel).write_bytes(jpeg(64, 48, i))
+    (root / "labels.csv").write_text("path,labels\n" + "".join(f"{r},{lab}\n" for r, lab in rows))
+    (root / "classes.csv").write_text("id,name,split\ncat,cat,seen\ndog,dog,seen\nbird,bird,seen\nfish,fish,unseen\n")
+
+
+@pytest.mark.parametrize("absent, expected", [
+    # vocabulary order cat, dog, bird, fish; 1 positive, -1 negative, 0 unknown
+    (None, {"img_a": [1, -1, -1, -1], "img_b": [1, 0, -1, -1], "img_c": [-1, 1, -1, 0], "img_d": [-1, -1, -1, -1]}),
+    ("unknown", {"img_a": [1, 0, 0, 0], "img_b": [1, 0, 0, 0], "img_c": [0, 1, -1, 0], "img_d": [0, 0, 0, 0]}),
+])
+def test_folder_absent_classes_in_the_shards(tmp_path, absent, expected):
+    from typer.testing import CliRunner
+
+    from dart_core.data.reader import labels_tensor
+    from flows.cli import app
+
+    positive_only_folder(tmp_path / "src")
+    args = ["shard", str(tmp_path / "src"), "--format", "folder", "--out", str(tmp_path / "out"), "--workers", "1"]
+    r = CliRunner().invoke(app, args + (["--absent", absent] if absent else []))
+    assert r.exit_code == 0, r.output
+    shard_dir = tmp_path / "out" / "train"
+    vocab = Vocabulary.read_csv(tmp_path / "out" / "classes.csv")
+    index = {c: i for i, c in enumerate(vocab.ids)}
+    got = {k: labels_tensor(json.loads(s["json"]), index, len(vocab)).tolist() for k, s in tar_samples(shard_dir).items()}
+    assert got == expected
+    rows = {r["key"]: (r["n_pos"], r["n_neg"]) for r in parquet_rows(shard_dir)}
+    assert rows == {k: (v.count(1), v.count(-1)) for k, v in expected.items()}
+    assert json.loads((shard_dir / "000000_stats.json").read_text())["absent"] == (absent or "negative")
+    # a rerun under the other rule would mix two meanings of a missing label in one split: refused
+    other = "negative" if absent else "unknown"
+    r = CliRunner().invoke(app, args + ["--absent", other])
+    assert r.exit_code == 2 and r.output == (
+        f"error: {shard_dir / '000000_stats.json'}: written with --absent {absent or 'negative'}, this run asks "
+        f"for --absent {other}; rerun with --absent {absent or 'negative'} or use --mode overwrite\n")
+
+
+def test_absent_option_is_checked(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    positive_only_folder(tmp_path / "src")
+    base = ["shard", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, base + ["--format", "folder", "--absent", "maybe"])
+    # the wording of a rejected option value is the CLI's own; one error line naming it
+    assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1
+    assert "--absent" in r.output and "'maybe'" in r.output and "negative" in r.output and "unknown" in r.output
+    r = CliRunner().invoke(app, base + ["--format", "coco", "--absent", "unknown"])
+    assert r.exit_code == 2 and r.output == "error: --absent applies to --format folder only (coco defines its own negatives)\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_that_do_not_record_the_rule_are_not_checked(tmp_path):
+    """Folder shards written before the rule was recorded (the demo's name every class) resume."""
+    positive_only_folder(tmp_path / "src")
+    shard_source(str(tmp_path / "src"), "folder", str(tmp_path / "out"), workers=1, progress=False)
+    stats_file = tmp_path / "out" / "train" / "000000_stats.json"
+    stats = json.loads(stats_file.read_text())
+    del stats["absent"]
+    stats_file.write_text(json.dumps(stats))
+    r = shard_source(str(tmp_path / "src"), "folder", str(tmp_path / "out"), workers=1, progress=False,
+                     absent="unknown")
+    assert (r["skipped"], r["ok"], r["new_shards"], r["absent"]) == (4, 0, [], "unknown")

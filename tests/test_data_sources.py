@@ -102,3 +102,21 @@ def test_folder_without_classes_csv_and_bad_header(tmp_path):
     (tmp_path / "src" / "labels.csv").write_text("file,tags\nx.jpg,a\n")
     with pytest.raises(SourceError, match="header must be path,labels"):
         open_source("folder", str(tmp_path / "src"))
+
+
+def test_folder_label_marks_and_absent_rule(tmp_path):
+    from dart_core.data.sources.folder import parse_labels
+
+    assert parse_labels("cat|?dog|-bird") == {"cat": 1, "dog": 0, "bird": -1}
+    for bad, why in (("cat|?cat", "both positive and unknown"), ("-dog|?dog", "both negative and unknown"),
+                     ("?", "malformed"), ("?-cat", "malformed"), ("cat||dog", "malformed")):
+        with pytest.raises(ValueError, match=why):
+            parse_labels(bad)
+    (tmp_path / "labels.csv").write_text("path,labels\na.jpg,cat|?dog\nb.jpg,cat|?cat\n")
+    (tmp_path / "classes.csv").write_text("id,name,split\ncat,cat,seen\ndog,dog,seen\nbird,bird,unseen\n")
+    recs = list(open_source("folder", str(tmp_path)).records)
+    assert recs[0].labels == {"cat": 1, "bird": -1} and recs[0].error is None
+    assert recs[1].error == ("malformed_label", "labels.csv:3: label 'cat' is both positive and unknown")
+    assert list(open_source("folder", str(tmp_path), absent="unknown").records)[0].labels == {"cat": 1}
+    with pytest.raises(SourceError, match=r"--absent 'maybe': must be one of negative\|unknown"):
+        open_source("folder", str(tmp_path), absent="maybe")

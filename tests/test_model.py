@@ -188,3 +188,54 @@ def test_text_atm_cache_follows_weights_and_vocabulary(tiny_model):
     tiny_model.set_classes(NAMES[:3])
     with torch.no_grad():
         assert tiny_model(x).logits.shape == (2, 3)
+
+
+def test_unreachable_pretrained_weights_fail_fast_with_the_fix(tmp_path):
+    """No cached weights and no way to the hub: one error within seconds, not a minute of
+    huggingface_hub retries. The hub endpoint is pointed at a closed loopback port, so the test
+    means the same with or without internet."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    script = ("import time\nfrom dart_core.backbone import BackboneError, FrozenBackbone\nt = time.time()\n"
+              "try:\n    FrozenBackbone('ViT-B-32', 'laion2b_s34b_b79k')\n"
+              "except BackboneError as e:\n    print(f'{time.time() - t:.2f}'); print(e)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
+    assert float(lines[0]) < 10
+    assert lines[1].startswith(
+        f"cannot fetch the pretrained weights ViT-B-32/laion2b_s34b_b79k: they are not in the local cache "
+        f"({tmp_path / 'hf' / 'hub'}) and 127.0.0.1 cannot be reached (ConnectionRefusedError: ")
+    assert lines[1].endswith("download the checkpoint file on a connected machine and pass --pretrained /path/to/file.pt")
+    assert "Retrying" not in r.stderr
+
+
+def test_no_warning_about_intended_random_init(caplog):
+    import logging
+
+    import open_clip
+
+    with caplog.at_level(logging.WARNING):
+        FrozenBackbone("dart-tiny-vit", pretrained=None)  # asked for: random weights
+    assert [r.getMessage() for r in caplog.records] == []
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model("dart-tiny-vit")  # the same build outside our guard does warn
+    assert [r.getMessage() for r in caplog.records] == [
+        "No pretrained weights loaded for model 'dart-tiny-vit'. Model initialized randomly."]
+
+
+def test_importing_the_model_shows_no_library_future_warning():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import dart_core.model"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -201,3 +201,59 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_clip_ckpt, tmp_path)
     np.testing.assert_allclose(b["rank_class"], a["rank_class"], rtol=1e-4)
     # 4 batches an epoch: each batch's loss is lower two epochs later
     assert all(a["total"][i + 8] < a["total"][i] for i in range(4)), a["total"]
+
+
+def test_relative_pretrained_path_is_stored_resolved_with_its_hash(tiny_clip_ckpt, other_clip_ckpt, vocab,
+                                                                     tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    from dart_core.model import DART
+    from tests.model_fixtures import tiny_config
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "weights").mkdir(parents=True)
+    b.mkdir()
+    shutil.copy(tiny_clip_ckpt, a / "weights" / "clip.pt")
+    sha = hashlib.sha256((a / "weights" / "clip.pt").read_bytes()).hexdigest()
+    x, y = fixed_batch(8)
+
+    def model(pretrained):
+        torch.manual_seed(0)
+        m = DART(tiny_config(pretrained=pretrained))
+        m.set_classes(NAMES)
+        return m
+
+    monkeypatch.chdir(a)
+    m = model("weights/clip.pt")  # relative, as typed on the command line
+    fit(m, [(x, y)], vocab, "run", TrainConfig(epochs=1, **FAST), log=quiet)
+    doc = read_checkpoint(a / "run" / "model.pt")
+    assert doc["config"]["pretrained"] == str(a / "weights" / "clip.pt")
+    assert doc["backbone"]["pretrained"] == str(a / "weights" / "clip.pt")
+    assert doc["backbone"]["pretrained_sha256"] == sha
+    with torch.no_grad():
+        ref = m(x).logits
+    # annotating from another working directory: the checkpoint still finds its backbone
+    monkeypatch.chdir(b)
+    loaded, _ = load_model(a / "run" / "model.pt")
+    loaded.set_classes(NAMES)
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)
+    # weights gone from where the checkpoint says: named, not a bare "not found"
+    (a / "weights" / "clip.pt").rename(a / "moved.pt")
+    with pytest.raises(CheckpointError, match=f"trained on the backbone weights {a / 'weights' / 'clip.pt'} "
+                                              rf"\(sha256 {sha[:16]}\), which are no longer there"):
+        load_model(a / "run" / "model.pt")
+    # resume compares the file's content, not the spelling of its path: the same bytes under
+    # another name resume; other bytes under the first run's relative spelling are refused
+    hist = fit(model("../a/moved.pt"), [(x, y)], vocab, a / "run", TrainConfig(epochs=2, **FAST), log=quiet)
+    assert [h["step"] for h in hist if "total" in h] == [1, 2]
+    assert read_checkpoint(a / "run" / "last.pt")["backbone"]["pretrained"] == str(a / "moved.pt")
+    (b / "weights").mkdir()
+    shutil.copy(other_clip_ckpt, b / "weights" / "clip.pt")
+    other_sha = hashlib.sha256((b / "weights" / "clip.pt").read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=rf"run/last.pt: was trained on other backbone weights \(weights "
+                                         rf"{a / 'moved.pt'} \(sha256 {sha[:16]}\) vs {b / 'weights' / 'clip.pt'} "
+                                         rf"\(sha256 {other_sha[:16]}\)\); use a new --out"):
+        fit(model("weights/clip.pt"), [(x, y)], vocab, a / "run", TrainConfig(epochs=3, **FAST), log=quiet)

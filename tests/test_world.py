@@ -355,6 +355,37 @@ def test_pretrain_vlp_flow_is_cached_by_inputs(prefect_harness, tmp_path):
     assert sorted(tr.state.name for tr in runs) == ["Cached", "Completed", "Completed", "Completed"]
 
 
+@pytest.mark.slow  # a temporary Prefect server
+def test_pretraining_the_vlp_logs_no_random_init_warning(prefect_harness, tmp_path):
+    """Pretraining starts from random weights on purpose: open_clip's warning about that is dropped
+    there (and only there: the same model built elsewhere still warns)."""
+    import logging
+
+    import open_clip
+
+    from flows.vlp import pretrain_vlp
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    root, collect = logging.getLogger(), Collect()
+    root.addHandler(collect)  # open_clip warns on the root logger
+    try:
+        pretrain_vlp(out_dir=str(tmp_path / "cache"), steps=1, batch_size=2, warmup=1, seed=0)
+        assert collect in root.handlers  # still listening: the check below is not vacuous
+        assert [m for m in collect.messages if "pretrained weights" in m] == []
+        open_clip.create_model("dart-world-vit")
+        assert [m for m in collect.messages if "pretrained weights" in m] == [
+            "No pretrained weights loaded for model 'dart-world-vit'. Model initialized randomly."]
+    finally:
+        root.removeHandler(collect)
+
+
 # ---- the world's relations as a CRG ------------------------------------------------------------
 def test_world_crg_finds_the_rules_relations():
     from dart_core.world.generator import UNSEEN

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import openai
 
+from dart_core import interrupt
+
 
 class LLMError(RuntimeError):
     """A request that failed for good (after retries, or not retryable). Never cached."""
@@ -134,7 +136,7 @@ class LLMClient:
                 if ra is not None:
                     wait = max(wait, min(ra, self.retry.max_delay * 10))  # honour the server, within reason
                 self._count(retries=1, reason=reason, slept_s=wait)
-                time.sleep(wait)
+                interrupt.sleep(wait)
                 attempt += 1
 
     # ---- online ---------------------------------------------------------------
@@ -166,7 +168,7 @@ class LLMClient:
         while batch.status not in ("completed", "failed", "expired", "cancelled"):
             if time.time() > deadline:
                 raise LLMError(f"batch {batch.id}: still {batch.status} after {max_wait:.0f}s")
-            time.sleep(poll_interval)
+            interrupt.sleep(poll_interval)
             batch = self._with_retries("batch poll", lambda: self._client.batches.retrieve(batch.id))
         results: dict[str, Completion | str] = {}
         if batch.status != "completed" and not batch.output_file_id:

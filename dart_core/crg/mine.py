@@ -33,6 +33,7 @@ from dart_core.crg.graph import CRG, random_crg, similarity_crg
 from dart_core.crg.parse import NameIndex, ParsedAnswer, parse_answer
 from dart_core.crg.prompt import PROMPT_VERSION, build_messages, prompt_hash
 from dart_core.crg.tokens import TokenCounter
+from dart_core.interrupt import check as check_interrupt
 from dart_core.vocab import Vocabulary
 
 EmbedFn = Callable[[list[str]], np.ndarray]
@@ -221,6 +222,7 @@ class Miner:
     # online: one class at a time per worker, its queries in order (query q's prompt needs q-1's answer)
     def _mine_online(self, st: ClassState) -> None:
         for q in range(self.cfg.queries):
+            check_interrupt()  # Ctrl-C: queued classes stop here; their cached answers are reused on a rerun
             msgs, key = self._request(st, q)
             rec = self.cache.get(key)
             if rec is not None:

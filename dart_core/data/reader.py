@@ -47,6 +47,33 @@ def list_shards(root: str, lister: Callable[[str], list[str]] | None = None) -> 
     return [f"{root}{sep}{i}.tar" if "://" in root else str(Path(root, f"{i}.tar")) for i in ids]
 
 
+class ShardsError(ValueError):
+    """A shard folder with nothing to read; names the folder and what it holds instead."""
+
+
+def split_folders(root: str) -> list[str]:
+    """Names of the subfolders of a local `root` that hold complete shards: `root` is a
+    `dart shard` output (classes.csv + one folder per split), not a folder of shards."""
+    p = Path(root)
+    if root.startswith("s3://") or not p.is_dir():
+        return []
+    return sorted(q.name for q in p.iterdir() if q.is_dir() and list_shards(str(q)))
+
+
+def require_shards(root: str, option: str = "--shards") -> list[str]:
+    """list_shards(root), never empty: else a ShardsError that names `root` and, when it is a
+    dataset root given instead of one of its splits, the splits to pass instead."""
+    found = list_shards(root)
+    if found:
+        return found
+    splits = split_folders(root)
+    if splits:
+        pick = "train" if "train" in splits else splits[0]
+        raise ShardsError(f"{option} {root} holds no shards; it has splits {', '.join(splits)}: "
+                          f"pass {Path(root, pick)}")
+    raise ShardsError(f"{option} {root}: no complete shards there (NNNNNN.tar with its NNNNNN_stats.json)")
+
+
 def is_validation(key: str, share: float) -> bool:
     """A stable hold-out: the sample whose key hashes below `share` belongs to the validation slice,
     in every run, on every rank, whatever the shard layout (sha1 of the key, first 8 hex digits)."""

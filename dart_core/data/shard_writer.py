@@ -37,6 +37,7 @@ from dart_core.data.fs import FileSystem, LocalFS
 from dart_core.data.image import DEFAULT_MAX_PIXELS
 from dart_core.data.records import InputRecord
 from dart_core.data.store import LocalShardStore, ShardStore, read_parquet_bytes
+from dart_core.interrupt import check as check_interrupt
 
 MODES = ("incremental", "overwrite", "extend")
 SHARD_RE = re.compile(r"^(\d{6})(\.tar|\.parquet|_stats\.json)$")
@@ -260,9 +261,9 @@ def _ordered_map(records: Iterable[InputRecord], cfg: WriterConfig, reader: File
         return
     ctx = multiprocessing.get_context("forkserver")  # no fork of a threaded parent (Prefect, boto3)
     window = 4 * workers
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(reader, cfg.image_size, cfg.jpeg_quality, cfg.max_pixels,
-                                       storage_env())) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(reader, cfg.image_size, cfg.jpeg_quality, cfg.max_pixels, storage_env()))
+    try:
         pending: deque = deque()
         for b in batches():
             pending.append((b, pool.submit(_encode_batch, paths(b))))
@@ -272,6 +273,10 @@ def _ordered_map(records: Iterable[InputRecord], cfg: WriterConfig, reader: File
         while pending:
             b0, fut = pending.popleft()
             yield from zip(b0, fut.result())
+    finally:
+        # Ctrl-C or an error: drop the queued batches; waiting for the whole window first is
+        # what made an interrupted run go on for a while (none is left on success)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: WriterConfig | None = None,
@@ -323,8 +328,10 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
     bar = tqdm(unit="img", desc=f"shard {store.url}", disable=None if cfg.progress else True, smoothing=0.1,
                mininterval=1.0)
     shard: _Shard | None = None
+    results = _ordered_map(todo(), cfg, reader)
     try:
-        for rec, res in _ordered_map(todo(), cfg, reader):
+        for rec, res in results:
+            check_interrupt()  # the shard being filled is staged only: a rerun redoes it
             ok = rec.error is None and res[0] == "ok"
             # Rotate only when the next *sample* does not fit, so failed rows that follow the
             # last sample stay in its shard instead of making a shard with an empty tar.
@@ -349,6 +356,7 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
             raise ShardWriteError(f"a decoding worker died ({e}); rerun to resume") from None
         raise
     finally:
+        results.close()  # stops the decoding pool now, not when the traceback is freed
         bar.close()
     import shutil
 

@@ -1,10 +1,11 @@
 """`dart annotate`, `dart eval`, `dart audit`, `dart calibrate`."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
+from flows.cli import _options as check
 from flows.cli._app import app
 
 
@@ -32,24 +33,24 @@ def annotate(
     classes: str = typer.Option(..., help="classes.csv: may add classes never trained on."),
     out: str = typer.Option(..., help="Prediction folder (scores/, tags/, labels/, errors/, vocab/, run.json)."),
     crg: Optional[str] = typer.Option(None, help="crg.json; classes it lacks get edges (LLM if configured, else similarity)."),
-    task_runner: str = typer.Option("threads", help="threads | dask | ray"),
+    task_runner: Literal["threads", "dask", "ray"] = typer.Option("threads", help="Where shard tasks run."),
     dask_address: Optional[str] = typer.Option(None, help="Scheduler address for dask/ray (default: a local cluster)."),
-    workers: Optional[int] = typer.Option(None, help="Parallel shard tasks (threads / local cluster workers)."),
-    batch_size: int = typer.Option(64),
-    top_m: int = typer.Option(10, help="Tags written per image (plus every class above its threshold)."),
-    device: str = typer.Option("cpu"),
-    mode: str = typer.Option("new", help="new | append | overwrite, when OUT already holds predictions."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Parallel shard tasks (threads / local cluster workers)."),
+    batch_size: int = typer.Option(64, min=1, help="Images per model step."),
+    top_m: int = typer.Option(10, min=1, help="Tags written per image (plus every class above its threshold)."),
+    device: str = typer.Option("cpu", callback=check.device, help=check.DEVICE_HELP),
+    mode: Literal["new", "append", "overwrite"] = typer.Option(
+        "new", help="When OUT already holds predictions: new and append continue the same run (same checkpoint, "
+                    "vocabulary and CRG) and refuse another's; overwrite deletes them first."),
     thresholds: Optional[str] = typer.Option(None, help="thresholds.csv (default: beside classes.csv if present)."),
-    mm_candidates: int = typer.Option(0, help="Bound the MM-ATM to each image's top-M classes (0 = all)."),
+    mm_candidates: int = typer.Option(0, min=0, help="Bound the MM-ATM to each image's top-M classes (0 = all)."),
 ) -> None:
-    """Tag every image of the shards with DART and write the prediction tables."""
+    """Tag every image of the shards with DART and write the prediction tables (a rerun, after a crash
+    or Ctrl-C, resumes: finished shards are skipped)."""
     from flows.annotate import annotate_flow
 
-    try:
-        s = annotate_flow(checkpoint, shards, classes, out, crg, task_runner, dask_address, workers, batch_size,
-                          top_m, device, mode, thresholds, mm_candidates)
-    except _user_errors() as e:
-        _fail(str(e))
+    s = annotate_flow(checkpoint, shards, classes, out, crg, task_runner, dask_address, workers, batch_size,
+                      top_m, device, mode, thresholds, mm_candidates)
     typer.echo(f"annotated {s['images']} images in {s['shards']} shards ({s['skipped']} already done, "
                f"{s['errors']} unreadable samples in errors/) -> {s['out']}")
 
@@ -57,19 +58,20 @@ def annotate(
 @app.command(name="eval")
 def eval_(
     pred: str = typer.Argument(..., help="Prediction folder."),
-    k: List[int] = typer.Option([3, 5], "--k", help="K for P/R/F1@K (repeat: --k 3 --k 5)."),
+    k: List[int] = typer.Option([3, 5], "--k", min=1, help="K for P/R/F1@K (repeat: --k 3 --k 5)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON (+ CSV beside it)."),
     legacy: bool = typer.Option(False, help="Count classes without positives as AP 0 (older papers)."),
 ) -> None:
-    """ZSL / GZSL mAP and P/R/F1@K (percent) from the prediction tables, in SQL."""
-    from dart_core.evaluate import evaluate, format_table
+    """ZSL / GZSL mAP and P/R/F1@K (percent) from the prediction tables, in SQL, with the class and
+    image counts behind them; `warning:` lines on stderr when the numbers are doubtful."""
+    from dart_core.evaluate import doubts, evaluate, format_table
     from flows.evaluate import write_eval
 
-    try:
-        res = evaluate(pred, k, legacy)
-    except _user_errors() as e:
-        _fail(str(e))
+    res = evaluate(pred, k, legacy)
+    notes = doubts(pred, legacy)
     typer.echo(format_table(res, k))
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
     if json_out:
         write_eval(res, json_out)
         typer.echo(f"wrote {json_out}")
@@ -79,16 +81,13 @@ def eval_(
 def audit(
     pred: str = typer.Argument(..., help="Prediction folder."),
     out: str = typer.Option(..., help="Report folder (index.html + thumbnails)."),
-    top: int = typer.Option(3, help="A class is 'predicted' when in the image's top-TOP."),
-    limit: int = typer.Option(50, help="Rows per list."),
+    top: int = typer.Option(3, min=1, help="A class is 'predicted' when in the image's top-TOP."),
+    limit: int = typer.Option(50, min=1, help="Rows per list."),
 ) -> None:
     """Write a static HTML report of the labels that look wrong or missing."""
     from flows.evaluate import audit_flow
 
-    try:
-        page = audit_flow(pred, out, top, limit)
-    except _user_errors() as e:
-        _fail(str(e))
+    page = audit_flow(pred, out, top, limit)
     typer.echo(f"report: {page}")
 
 
@@ -105,10 +104,7 @@ def calibrate(
     from dart_core.evaluate import connect
     from dart_core.infer import calibrate_thresholds
 
-    try:
-        con = connect(pred)
-    except _user_errors() as e:
-        _fail(str(e))
+    con = connect(pred)
     ids = [r[0] for r in con.execute("SELECT class_id FROM vocab ORDER BY class_index").fetchall()]
     rows = con.execute("SELECT shard, image_id, scores FROM scores ORDER BY shard, image_id").fetchall()
     S = np.array([r[2] for r in rows], dtype=np.float64)

@@ -2,14 +2,15 @@
 
 Heavy modules (openai, numpy, torch, prefect, matplotlib) are imported inside the commands so
 that `dart --help` stays fast. Bad input ends with one line on stderr naming the file/row/class
-and exit code 2; no traceback.
+and exit code 2; no traceback (flows.cli._guard).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from flows.cli import _options as check
 from flows.cli._app import app
 
 crg_app = typer.Typer(help="Class Relationship Graph: mine it from an LLM (or fallbacks), look at it.",
@@ -22,34 +23,26 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _user_errors():
-    from dart_core.crg.client import LLMError
-    from dart_core.crg.graph import CRGError
-    from dart_core.crg.mine import CRGMiningError
-    from dart_core.vocab import VocabularyError
-
-    return (VocabularyError, CRGError, CRGMiningError, LLMError, FileNotFoundError, PermissionError)
-
-
 @crg_app.command("mine")
 def mine(
     classes: str = typer.Option(..., "--classes", help="classes.csv (id,name,split), local or s3://"),
     out: str = typer.Option(..., "--out", help="crg.json to write (an existing one is extended incrementally)"),
-    source: str = typer.Option("llm", "--source", help="llm | similarity | random"),
+    source: Literal["llm", "similarity", "random"] = typer.Option(
+        "llm", "--source", help="who names each class's neighbours (similarity: text embeddings; random: a control)"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint (default: OpenAI, or $OPENAI_BASE_URL)"),
     model: str = typer.Option("gpt-4o", "--model", help="chat model name"),
-    queries: int = typer.Option(3, "--queries", help="queries per class (paper: 3)"),
-    top_p: float = typer.Option(0.3, "--top-p", help="nucleus sampling (paper: 0.3)"),
-    neighbors: int = typer.Option(8, "--neighbors", help="top-N neighbours per class (paper: 8; Open Images 12)"),
-    shortlist: int = typer.Option(200, "--shortlist", help="candidates per prompt by text-embedding similarity; 0 = all seen classes (paper)"),
+    queries: int = typer.Option(3, "--queries", min=1, help="queries per class (paper: 3)"),
+    top_p: float = typer.Option(0.3, "--top-p", callback=check.share, help="nucleus sampling (paper: 0.3)"),
+    neighbors: int = typer.Option(8, "--neighbors", min=1, help="top-N neighbours per class (paper: 8; Open Images 12)"),
+    shortlist: int = typer.Option(200, "--shortlist", min=0, help="candidates per prompt by text-embedding similarity; 0 = all seen classes (paper)"),
     cache: Optional[str] = typer.Option(None, "--cache", help="answer cache dir, local or s3:// (default ~/.cache/dart-annotate/crg-answers)"),
-    concurrency: int = typer.Option(8, "--concurrency", help="requests in flight at once"),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="requests in flight at once"),
     batch: bool = typer.Option(False, "--batch", help="use the OpenAI Batch API (cheaper, slower)"),
     backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip model for text embeddings ('hash' = weight-free lexical stand-in)"),
     pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag or checkpoint file"),
-    poll_interval: float = typer.Option(10.0, "--poll-interval", help="seconds between batch status polls"),
-    retry_base_delay: float = typer.Option(1.0, "--retry-base-delay", help="first backoff step in seconds (doubles per retry, jittered)"),
-    request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds before a request is retried as timed out"),
+    poll_interval: float = typer.Option(10.0, "--poll-interval", callback=check.positive, help="seconds between batch status polls"),
+    retry_base_delay: float = typer.Option(1.0, "--retry-base-delay", min=0, help="first backoff step in seconds (doubles per retry, jittered)"),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", callback=check.positive, help="seconds before a request is retried as timed out"),
 ) -> None:
     """Mine the CRG for CLASSES_CSV into CRG_JSON. The API key comes from $OPENAI_API_KEY."""
     from flows.crg import MineOptions, run_mining
@@ -60,8 +53,6 @@ def mine(
                       retry_base_delay=retry_base_delay, request_timeout=request_timeout)
     try:
         res = run_mining(opt, log=lambda s: typer.echo(s, err=True))
-    except _user_errors() as e:
-        _fail(str(e))
     except _backbone_errors() as e:
         _fail(f"{e} (use --backbone hash for the weight-free embedder, or --shortlist 0 --source llm)")
     if res.incomplete:
@@ -79,11 +70,12 @@ def _backbone_errors():
 @crg_app.command("tokens")
 def tokens(
     classes: str = typer.Option(..., "--classes", help="classes.csv (id,name,split)"),
-    shortlist: int = typer.Option(200, "--shortlist", help="shortlist size to estimate beside the full list"),
-    queries: int = typer.Option(3, "--queries"),
+    shortlist: int = typer.Option(200, "--shortlist", min=0, help="shortlist size to estimate beside the full list"),
+    queries: int = typer.Option(3, "--queries", min=1, help="queries per class (paper: 3)"),
     model: str = typer.Option("gpt-4o", "--model", help="picks the tiktoken encoding"),
-    backbone: str = typer.Option("ViT-B-16", "--backbone"),
-    pretrained: str = typer.Option("openai", "--pretrained"),
+    backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip model for the shortlist's text "
+                                 "embeddings ('hash' = weight-free lexical stand-in)"),
+    pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag or checkpoint file"),
     approx: bool = typer.Option(False, "--approx", help="use the documented approximation even if tiktoken works"),
 ) -> None:
     """Print the prompt-token estimate of mining CLASSES_CSV, shortlist vs full list; no API calls."""
@@ -100,8 +92,6 @@ def tokens(
         for s in ([shortlist, 0] if shortlist > 0 else [0]):
             typer.echo(format_estimate(estimate_prompt_tokens(vocab, cfg, counter, embed_fn, shortlist=s,
                                                               max_exact=512 if s else 32)))
-    except _user_errors() as e:
-        _fail(str(e))
     except _backbone_errors() as e:
         _fail(f"{e} (use --backbone hash for the weight-free embedder)")
 
@@ -116,11 +106,8 @@ def show(
     from dart_core.crg.graph import CRG
     from dart_core.crg.plot import draw_neighbourhood
 
-    try:
-        graph = CRG.read(crg)
-        info = draw_neighbourhood(graph, class_, out)
-    except _user_errors() as e:
-        _fail(str(e))
+    graph = CRG.read(crg)
+    info = draw_neighbourhood(graph, class_, out)
     names = dict(zip(graph.class_ids, graph.class_names))
     typer.echo(f"wrote {info['path']}: {names.get(info['class'], info['class'])} with "
                f"{len(info['neighbors'])} neighbours: {', '.join(names.get(n, n) for n in info['neighbors'])}")

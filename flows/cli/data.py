@@ -1,34 +1,19 @@
 """CLI for the data plane: `dart shard`, `dart refresh`. Same code as the Prefect flows
 (flows.shard.shard_source / flows.refresh.refresh_prefix). Inputs that fail are rows in the
-report, not errors: exit 0. Exit 2 with one line on stderr when the run cannot proceed."""
+report, not errors: exit 0. Exit 2 with one line on stderr when the run cannot proceed (see _guard)."""
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from flows.cli._app import app
 
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
-
-
-def _run(fn, *args, **kw):
-    """Known run-level failures -> one line, no traceback."""
-    from flows.shard import ShardRunError
-
-    try:
-        return fn(*args, **kw)
-    except ShardRunError as e:
-        _fail(str(e))
-    except Exception as e:  # noqa: BLE001 - botocore / OS errors that stop the whole run
-        mod = type(e).__module__ or ""
-        if mod.startswith(("botocore", "boto3")) or isinstance(e, OSError):
-            _fail(f"{type(e).__name__}: {e}")
-        raise
+# dart_core.data.sources.FORMATS and dart_core.data.shard_writer.MODES (a test checks), spelled out
+# here so that `dart --help` imports neither
+SourceFormat = Literal["openimages", "nuswide", "coco", "folder"]
+ShardMode = Literal["incremental", "overwrite", "extend"]
 
 
 def _print_report(r: dict) -> None:
@@ -43,26 +28,24 @@ def _print_report(r: dict) -> None:
 @app.command()
 def shard(
     source: str = typer.Argument(..., help="dataset root: local dir or s3://bucket/prefix"),
-    format: str = typer.Option(..., "--format", help="openimages|nuswide|coco|folder"),
+    format: SourceFormat = typer.Option(..., "--format", help="the dataset's layout"),
     out: str = typer.Option(..., "--out", help="output root (local or s3://): classes.csv + <split>/ shards"),
-    shard_size: int = typer.Option(5000, "--shard-size", help="samples per shard"),
-    mode: str = typer.Option("incremental", "--mode", help="incremental|overwrite|extend"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="decoding processes (default: all cores)"),
+    shard_size: int = typer.Option(5000, "--shard-size", min=1, help="samples per shard"),
+    mode: ShardMode = typer.Option("incremental", "--mode", help="incremental: shard what is not sharded yet (a "
+                                   "rerun resumes); extend: the same, appending the source's new classes to "
+                                   "classes.csv; overwrite: start over"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="decoding processes (default: all cores)"),
     split: Optional[str] = typer.Option(None, "--split", help="source split / output subdir (default per format)"),
-    image_size: int = typer.Option(256, "--image-size", help="shorter side after resizing"),
+    image_size: int = typer.Option(256, "--image-size", min=1, help="shorter side after resizing"),
+    absent: Optional[Literal["negative", "unknown"]] = typer.Option(None, "--absent", help="folder only: a class an image's labels do not "
+                                         "name is a 'negative' (default) or 'unknown' (`?cls` marks one unknown)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Turn a dataset into webdataset shards (+ parquet and stats sidecars) and classes.csv."""
-    from dart_core.data.shard_writer import MODES
-    from dart_core.data.sources import FORMATS
     from flows.shard import shard_source
 
-    if format not in FORMATS:
-        _fail(f"--format {format!r}: must be one of {'|'.join(FORMATS)}")
-    if mode not in MODES:
-        _fail(f"--mode {mode!r}: must be one of {'|'.join(MODES)}")
-    r = _run(shard_source, source, format, out, split=split, shard_size=shard_size, mode=mode,
-             workers=workers, image_size=image_size, progress=sys.stderr.isatty())
+    r = shard_source(source, format, out, split=split, shard_size=shard_size, mode=mode,
+                     workers=workers, image_size=image_size, progress=sys.stderr.isatty(), absent=absent)
     if json_out:
         import json
 
@@ -75,15 +58,15 @@ def shard(
 def refresh(
     prefix: str = typer.Argument(..., help="raw images (+ label CSVs) under s3://BUCKET/PREFIX (or a local dir)"),
     out: str = typer.Option(..., "--out", help="shards root (local or s3://)"),
-    split: str = typer.Option("train", "--split"),
-    shard_size: int = typer.Option(5000, "--shard-size"),
-    workers: Optional[int] = typer.Option(None, "--workers"),
+    split: str = typer.Option("train", "--split", help="output subdir of OUT the new shards go to"),
+    shard_size: int = typer.Option(5000, "--shard-size", min=1, help="samples per shard"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="decoding processes (default: all cores)"),
 ) -> None:
     """Shard only objects not seen before (manifest of key + ETag); print the new shards."""
     from flows.refresh import refresh_prefix
 
-    r = _run(refresh_prefix, prefix, out, split=split, shard_size=shard_size, workers=workers,
-             progress=sys.stderr.isatty())
+    r = refresh_prefix(prefix, out, split=split, shard_size=shard_size, workers=workers,
+                       progress=sys.stderr.isatty())
     if not r["new_objects"]:
         typer.echo(f"nothing new under {prefix} ({r['objects']} objects already sharded or not images)", err=True)
         return

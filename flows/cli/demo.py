@@ -12,13 +12,13 @@ from flows.cli._app import app
 @app.command()
 def demo(
     workdir: str = typer.Option("demo", help="Where everything is written (reruns reuse what is there)."),
-    n_train: int = typer.Option(3000, help="Training images."),
-    n_test: int = typer.Option(600, help="Test images."),
-    epochs: int = typer.Option(20, help="DART training epochs (the paper's NUS-WIDE/COCO schedule)."),
-    batch_size: int = typer.Option(256, help="DART training batch (the paper's)."),
+    n_train: int = typer.Option(3000, min=1, help="Training images."),
+    n_test: int = typer.Option(600, min=1, help="Test images."),
+    epochs: int = typer.Option(20, min=1, help="DART training epochs (the paper's NUS-WIDE/COCO schedule)."),
+    batch_size: int = typer.Option(256, min=1, help="DART training batch (the paper's)."),
     train_seed: List[int] = typer.Option([0], help="DART training seed; repeat it (--train-seed 0 --train-seed 1 ...) "
                                                    "to train once per seed and report the mean and spread."),
-    vlp_steps: int = typer.Option(300, help="Contrastive pretraining steps of the small VLP (cached)."),
+    vlp_steps: int = typer.Option(300, min=0, help="Contrastive pretraining steps of the small VLP (cached)."),
     ablations: bool = typer.Option(False, help="Also train the Tab. 5/6 variants (no ARM/WPS/ATM; random, similarity "
                                                "and world CRG; WPS τ at the VLP's own scale)."),
     vlp_cache: Optional[str] = typer.Option(None, help="Folder caching the pretrained VLP (default WORKDIR/vlp-cache)."),

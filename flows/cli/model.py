@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from flows.cli import _options as check
 from flows.cli._app import app
 
 
@@ -20,68 +21,70 @@ def train(
     classes: str = typer.Option(..., help="classes.csv (id,name,split); DART trains on the seen classes."),
     out: str = typer.Option(..., help="Run folder: last.pt (resume), model.pt, history.jsonl."),
     crg: Optional[str] = typer.Option(None, help="crg.json from `dart crg mine`."),
-    crg_source: str = typer.Option("", help="file | similarity | random (default: file with --crg, else similarity)."),
+    crg_source: Optional[Literal["file", "similarity", "random"]] = typer.Option(
+        None, help="Where the class graph comes from (default: file with --crg, else similarity)."),
     backbone: str = typer.Option("ViT-B-16", help="open_clip model name."),
-    pretrained: str = typer.Option("openai", help="open_clip pretrained tag or a local checkpoint file ('none' for random)."),
-    epochs: int = typer.Option(20),
-    batch_size: int = typer.Option(256),
-    lr: float = typer.Option(1e-4),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
-    workers: int = typer.Option(0, help="DataLoader workers for decoding."),
-    arm_layers: int = typer.Option(1),
-    top_k_share: float = typer.Option(16 / 196, help="Patches aggregated per class, as a share of the patch grid (the paper's 16 of 196)."),
-    wps_tau: float = typer.Option(0.0, help="Temperature of the WPS responsibilities (0: the library default, CLIP's learned 100, App. A)."),
+    pretrained: str = typer.Option("openai", help="open_clip pretrained tag or a local weights file (stored by absolute path + sha256)."),
+    epochs: int = typer.Option(20, min=1, help="Passes over the training samples."),
+    batch_size: int = typer.Option(256, min=1, help="Samples per optimiser step (per process under torchrun)."),
+    lr: float = typer.Option(1e-4, callback=check.positive, help="Peak learning rate (AdamW; warm-up, then cosine)."),
+    device: str = typer.Option("cpu", callback=check.device, help=check.DEVICE_HELP),
+    workers: int = typer.Option(0, min=0, help="DataLoader workers for decoding."),
+    arm_layers: int = typer.Option(1, min=1, help="ARM layers, beside the last N frozen ViT blocks."),
+    top_k_share: float = typer.Option(16 / 196, callback=check.share, help="Patches aggregated per class, as a share of the patch grid (the paper's 16 of 196)."),
+    wps_tau: float = typer.Option(0.0, min=0, help="Temperature of the WPS responsibilities (0: the library default, CLIP's learned 100, App. A)."),
     val_shards: Optional[str] = typer.Option(None, help="Validation shards (seen-class mAP picks the saved epoch); default: a slice held out of --shards."),
-    val_share: float = typer.Option(0.05, help="Share of the training samples held out for validation when --val-shards is not given (0: none)."),
-    lambda_end: float = typer.Option(0.0, help="WPS λ at the last step (annealed from 1; 1 keeps the VLP's prior responsibilities)."),
-    no_arm: bool = typer.Option(False, help="Ablation: no ARM (Tab. 5)."),
-    no_wps: bool = typer.Option(False, help="Ablation: no WPS loss (Tab. 5)."),
-    no_atm: bool = typer.Option(False, help="Ablation: no ATM (Tab. 5)."),
+    val_share: float = typer.Option(0.05, callback=check.share_held_out, help="Share of the training samples held out for validation when --val-shards is not given (0: none)."),
+    lambda_end: float = typer.Option(0.0, min=0, max=1, help="WPS λ at the last step (annealed from 1; 1 keeps the VLP's prior responsibilities)."),
+    arm: bool = typer.Option(True, "--arm/--no-arm", help="--no-arm: the ablation without the ARM (Tab. 5)."),
+    wps: bool = typer.Option(True, "--wps/--no-wps", help="--no-wps: the ablation without the WPS loss (Tab. 5)."),
+    atm: bool = typer.Option(True, "--atm/--no-atm", help="--no-atm: the ablation without the ATM (Tab. 5)."),
 ) -> None:
-    """Train DART on webdataset shards (resumes from OUT/last.pt after a crash)."""
-    from dart_core.backbone import BackboneError
-    from dart_core.checkpoint import CheckpointError
-    from dart_core.crg.graph import CRGError
-    from dart_core.vocab import VocabularyError
+    """Train DART on webdataset shards (resumes from OUT/last.pt after a crash or Ctrl-C)."""
+    from dart_core.backbone import BackboneError, check_downloadable, is_weights_file
 
+    if pretrained.lower() == "none":
+        from dart_core.train import RANDOM_BACKBONE_REFUSED
+
+        raise BackboneError(RANDOM_BACKBONE_REFUSED)
+
+    if not is_weights_file(backbone, pretrained):  # unfetchable weights: say so now, not inside the flow
+        check_downloadable(backbone, pretrained)
     source = crg_source or ("file" if crg else "similarity")
     if source == "similarity" and not crg and not crg_source:
         typer.echo("no --crg given: using the text-similarity CRG (the paper's 'Sim.' variant)")
-    if device == "cuda":
+    if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
-            _fail("--device cuda but no CUDA device is available")
-        if "LOCAL_RANK" in os.environ:
+            _fail(f"--device {device} but no CUDA device is available")
+        if "LOCAL_RANK" in os.environ and device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     model_cfg = dict(backbone=backbone, pretrained=None if pretrained.lower() == "none" else pretrained,
-                     arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=not no_arm, use_wps=not no_wps, use_atm=not no_atm)
+                     arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=arm, use_wps=wps, use_atm=atm)
     train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end, val_share=val_share)
-    try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # under torchrun every rank trains; Prefect would start one flow run per rank
-            from dart_core.model import DARTConfig
-            from dart_core.train import TrainConfig, train_on_shards
-            from dart_core.vocab import Vocabulary
-            from flows.train import count_samples
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # under torchrun every rank trains; Prefect would start one flow run per rank
+        from dart_core.model import DARTConfig
+        from dart_core.train import TrainConfig, train_on_shards
+        from dart_core.vocab import Vocabulary
+        from flows.train import count_samples
 
-            ckpt = train_on_shards(shards, Vocabulary.read_csv(classes), out, DARTConfig(**model_cfg),
-                                   TrainConfig(**train_cfg), count_samples(shards), crg, source, device, workers,
-                                   val_shards=val_shards)
-        else:
-            from flows.train import train_flow
+        ckpt = train_on_shards(shards, Vocabulary.read_csv(classes), out, DARTConfig(**model_cfg),
+                               TrainConfig(**train_cfg), count_samples(shards), crg, source, device, workers,
+                               val_shards=val_shards)
+    else:
+        from flows.train import train_flow
 
-            ckpt = train_flow(shards, classes, out, model_cfg, train_cfg, crg, source, device, workers, val_shards)
-    except (VocabularyError, CRGError, CheckpointError, BackboneError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        ckpt = train_flow(shards, classes, out, model_cfg, train_cfg, crg, source, device, workers, val_shards)
     typer.echo(f"checkpoint: {ckpt}")
 
 
 @app.command()
 def info(
-    backbone: str = typer.Option("ViT-B-16"),
+    backbone: str = typer.Option("ViT-B-16", help="open_clip model name."),
     pretrained: str = typer.Option("none", help="Weights to load ('none': random init, same counts)."),
-    arm_layers: int = typer.Option(1),
+    arm_layers: int = typer.Option(1, min=1, help="ARM layers, beside the last N frozen ViT blocks."),
 ) -> None:
     """Print total and trainable parameter counts of DART on a backbone (cf. paper Tab. 7).
 

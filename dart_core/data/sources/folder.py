@@ -1,5 +1,10 @@
 """Generic folder: `labels.csv` with columns `path,labels` (labels separated by `|`; a `-` prefix
-marks a verified negative) + optional `classes.csv` (id,name,split) + the images.
+marks a verified negative, a `?` prefix an unknown label) + optional `classes.csv` (id,name,split)
++ the images.
+
+A class an image's labels do not name is a negative (`absent="negative"`, the default: label files
+usually list only the classes present), or unknown with `absent="unknown"`. `?cls` keeps one class
+unknown for one image either way: `cat|?dog` = cat positive, dog unknown, every other class negative.
 
 Without classes.csv the vocabulary is every label id found, sorted, all `seen`, names = ids.
 With it, a label id missing from classes.csv makes that row a failed row (unknown_class).
@@ -16,8 +21,13 @@ from dart_core.data.sources._util import csv_rows, read_text
 from dart_core.vocab import Vocabulary, VocabularyError
 
 
+ABSENT = ("negative", "unknown")  # what a class the labels do not name becomes
+_MARK = {1: "positive", -1: "negative", 0: "unknown"}
+
+
 def parse_labels(field: str) -> dict[str, int]:
-    """'a|b|-c' -> {'a': 1, 'b': 1, 'c': -1}. Raises ValueError on an empty or doubled token."""
+    """'a|b|-c|?d' -> {'a': 1, 'b': 1, 'c': -1, 'd': 0} (0 = marked unknown). Raises ValueError on
+    an empty token or a class given twice with different marks."""
     out: dict[str, int] = {}
     field = (field or "").strip()
     if not field:
@@ -25,14 +35,22 @@ def parse_labels(field: str) -> dict[str, int]:
     for tok in field.split("|"):
         tok = tok.strip()
         val = 1
-        if tok.startswith("-"):
-            tok, val = tok[1:].strip(), -1
-        if not tok or tok.startswith("-"):
+        if tok[:1] in ("-", "?"):
+            tok, val = tok[1:].strip(), -1 if tok[0] == "-" else 0
+        if not tok or tok[:1] in ("-", "?"):
             raise ValueError(f"malformed label token in {field!r}")
         if out.get(tok, val) != val:
-            raise ValueError(f"label {tok!r} is both positive and negative")
+            raise ValueError(f"label {tok!r} is both {_MARK[out[tok]]} and {_MARK[val]}")
         out[tok] = val
     return out
+
+
+def complete_labels(labels: dict[str, int], class_ids, absent: str) -> dict[str, int]:
+    """The ±1 labels to store: named classes as marked (`?` ones left out: unknown) and, with
+    absent="negative", -1 for every other class of `class_ids`."""
+    out = {c: -1 for c in class_ids} if absent == "negative" else {}
+    out.update(labels)
+    return {c: v for c, v in out.items() if v}
 
 
 def resolve_inside(root: str, rel: str) -> str | None:
@@ -61,7 +79,10 @@ def key_for(rel: str) -> str:
 
 
 def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train",
-                labels_file: str = "labels.csv", classes_file: str = "classes.csv") -> SourceData:
+                labels_file: str = "labels.csv", classes_file: str = "classes.csv",
+                absent: str = "negative") -> SourceData:
+    if absent not in ABSENT:
+        raise SourceError(f"--absent {absent!r}: must be one of {'|'.join(ABSENT)}")
     fs = fs or LocalFS()
     labels_url = fs.join(root, labels_file)
     classes_url = fs.join(root, classes_file)
@@ -95,11 +116,11 @@ def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train"
         if not found:
             raise SourceError(f"{labels_url}: no labels and no {classes_file}; cannot build a vocabulary")
         vocab = Vocabulary.from_names(sorted(found))
-    known = set(vocab.ids)
-    return SourceData("folder", split, vocab, _records(root, parsed, known), root)
+    return SourceData("folder", split, vocab, _records(root, parsed, vocab.ids, absent), root)
 
 
-def _records(root: str, parsed, known: set[str]):
+def _records(root: str, parsed, class_ids, absent: str):
+    known = set(class_ids)
     for where, rel, labels, err in parsed:
         key = key_for(rel) if rel else safe_key(where)
         src = {"dataset": "folder", "row": where, "path": rel}
@@ -114,4 +135,4 @@ def _records(root: str, parsed, known: set[str]):
         if unknown:
             yield InputRecord(key, path, {}, src, (R.UNKNOWN_CLASS, f"{where}: unknown class id(s) {unknown}"))
             continue
-        yield InputRecord(key, path, labels, src)
+        yield InputRecord(key, path, complete_labels(labels, class_ids, absent), src)
