@@ -82,10 +82,40 @@ def make_task_runner(kind: str, dask_address: str | None = None, workers: int | 
 def _annotate_shards(checkpoint, classes_csv, crg, shards, pred_dir, cfg, thresholds_csv, mm_candidates) -> list:
     from prefect import unmapped
 
+    from prefect.futures import as_completed
+
+    from dart_core.progress import progress_bar
+
     futures = annotate_shard_task.map(unmapped(checkpoint), unmapped(classes_csv), unmapped(crg), shards,
                                       unmapped(pred_dir), unmapped(cfg), unmapped(thresholds_csv),
                                       unmapped(mm_candidates))
+    sizes = shard_sample_counts(shards)
+    size_of = {id(f): n for f, n in zip(futures, sizes)}
+    bar = progress_bar(total=sum(sizes), desc="annotate", unit="img", log=get_run_logger().info)
+    try:
+        for done, f in enumerate(as_completed(futures), 1):
+            r = f.result()
+            if r.get("skipped"):  # finished by an earlier run: not part of this run's pace
+                bar.total -= size_of[id(f)]
+                bar.refresh()
+            else:
+                bar.update(size_of[id(f)])
+            bar.set_postfix_str(f"{done}/{len(futures)} shards", refresh=False)
+    finally:
+        bar.close()
     return [f.result() for f in futures]
+
+
+def shard_sample_counts(shards: list[str]) -> list[int]:
+    """Samples per shard, from their stats files (0 where a shard has none): the progress total."""
+    counts = []
+    for url in shards:
+        try:
+            stats = json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))
+            counts.append(int(stats["ok"]))  # failed inputs have no image in the tar
+        except (OSError, ValueError, KeyError):
+            counts.append(0)
+    return counts
 
 
 def resolve_shards(shards: str | list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import time
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import storage
@@ -89,7 +89,7 @@ def _labels_and_vocab(prefix: str, objs, out: str):
 
 
 def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: int = 5000,
-                   workers: int | None = None, image_size: int = 256, progress: bool = True) -> dict:
+                   workers: int | None = None, image_size: int = 256, progress: bool = True, log=None) -> dict:
     from dart_core.data import records as R
     from dart_core.data.records import InputRecord, SourceError, safe_key
     from dart_core.data.shard_writer import ShardWriteError, WriterConfig, write_shards
@@ -131,7 +131,8 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
         store = storage.shard_store(storage.join(out, split))
         report = write_shards(records, store, WriterConfig(shard_size=shard_size, mode="extend", workers=workers,
                                                            image_size=image_size, progress=progress),
-                              reader=storage.StorageFS(), meta={"dataset": "refresh", "split": split, "source": prefix})
+                              reader=storage.StorageFS(), meta={"dataset": "refresh", "split": split, "source": prefix},
+                              log=log)
     except (SourceError, ShardWriteError) as e:
         raise ShardRunError(str(e)) from None
     _write_manifest(manifest_url, manifest + rows)  # after the shards: a crash before is resumed
@@ -143,7 +144,7 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
 
 @task(name="refresh-shard-new", cache_policy=NO_CACHE)  # must look at the bucket every time
 def refresh_task(prefix: str, out: str, split: str, shard_size: int, workers: int | None) -> dict:
-    return refresh_prefix(prefix, out, split=split, shard_size=shard_size, workers=workers, progress=False)
+    return refresh_prefix(prefix, out, split=split, shard_size=shard_size, workers=workers, log=get_run_logger().info)
 
 
 @flow(name="refresh")

@@ -7,7 +7,7 @@ vocabulary; extend appends the source's new classes after the existing ones (cla
 existing shards stay valid); overwrite replaces it."""
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import storage
@@ -67,7 +67,8 @@ def check_absent_rule(store, absent: str, mode: str) -> None:
 
 def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, shard_size: int = 5000,
                  mode: str = "incremental", workers: int | None = None, image_size: int = 256,
-                 max_shard_bytes: int = 1 << 30, progress: bool = True, absent: str | None = None) -> dict:
+                 max_shard_bytes: int = 1 << 30, progress: bool = True, absent: str | None = None,
+                 log=None) -> dict:
     """Shard one source; returns the reconciliation report (ShardReport.to_dict() + vocabulary).
     `absent` (folder only): what a class an image's labels do not name becomes, "negative"
     (default) or "unknown"; recorded in every shard's stats file."""
@@ -91,7 +92,8 @@ def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, s
             check_absent_rule(store, options["absent"], mode)
         vocab = resolve_vocabulary(out, src.vocab, mode)
         report = write_shards(src.records, store, cfg, reader=fs,
-                              meta={"dataset": src.dataset, "split": src.split, "source": source, **options})
+                              meta={"dataset": src.dataset, "split": src.split, "source": source, **options},
+                              log=log)
     except (SourceError, ShardWriteError) as e:
         raise ShardRunError(str(e)) from None
     d = report.to_dict()
@@ -104,7 +106,7 @@ def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, s
 def shard_split_task(source: str, fmt: str, out: str, split: str | None, shard_size: int, mode: str,
                      workers: int | None, image_size: int, absent: str | None = None) -> dict:
     return shard_source(source, fmt, out, split=split, shard_size=shard_size, mode=mode,
-                        workers=workers, image_size=image_size, progress=False, absent=absent)
+                        workers=workers, image_size=image_size, absent=absent, log=get_run_logger().info)
 
 
 @task(name="reconcile", cache_policy=NO_CACHE)

@@ -280,8 +280,9 @@ def _ordered_map(records: Iterable[InputRecord], cfg: WriterConfig, reader: File
 
 
 def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: WriterConfig | None = None,
-                 *, reader: FileSystem | None = None, meta: dict | None = None) -> ShardReport:
-    """Write `records` as shards into `out` (a local dir or a ShardStore). See the module doc."""
+                 *, reader: FileSystem | None = None, meta: dict | None = None, log=None) -> ShardReport:
+    """Write `records` as shards into `out` (a local dir or a ShardStore). See the module doc.
+    Progress (`cfg.progress`): a live bar on a terminal, else a line every 30 s through `log`."""
     cfg = cfg or WriterConfig()
     store = LocalShardStore(out) if isinstance(out, (str, os.PathLike)) else out
     reader = reader or LocalFS()
@@ -323,10 +324,9 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardStore, cfg: Wri
             seen_keys.add(rec.key)
             yield rec
 
-    from tqdm import tqdm
+    from dart_core.progress import progress_bar
 
-    bar = tqdm(unit="img", desc=f"shard {store.url}", disable=None if cfg.progress else True, smoothing=0.1,
-               mininterval=1.0)
+    bar = progress_bar(desc=f"shard {store.url}", unit="img", log=log, enabled=cfg.progress)
     shard: _Shard | None = None
     results = _ordered_map(todo(), cfg, reader)
     try:

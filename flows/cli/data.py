@@ -3,7 +3,6 @@
 report, not errors: exit 0. Exit 2 with one line on stderr when the run cannot proceed (see _guard)."""
 from __future__ import annotations
 
-import sys
 from typing import Literal, Optional
 
 import typer
@@ -45,7 +44,7 @@ def shard(
     from flows.shard import shard_source
 
     r = shard_source(source, format, out, split=split, shard_size=shard_size, mode=mode,
-                     workers=workers, image_size=image_size, progress=sys.stderr.isatty(), absent=absent)
+                     workers=workers, image_size=image_size, absent=absent)
     if json_out:
         import json
 
@@ -65,8 +64,7 @@ def refresh(
     """Shard only objects not seen before (manifest of key + ETag); print the new shards."""
     from flows.refresh import refresh_prefix
 
-    r = refresh_prefix(prefix, out, split=split, shard_size=shard_size, workers=workers,
-                       progress=sys.stderr.isatty())
+    r = refresh_prefix(prefix, out, split=split, shard_size=shard_size, workers=workers)
     if not r["new_objects"]:
         typer.echo(f"nothing new under {prefix} ({r['objects']} objects already sharded or not images)", err=True)
         return
