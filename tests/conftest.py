@@ -82,3 +82,14 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def every_page(read, size: int = 200) -> list:
+    """All rows of a Prefect client read (they return one page): the tests that ran before on the
+    session's server fill the first pages."""
+    rows: list = []
+    while True:
+        page = read(limit=size, offset=len(rows))
+        rows += page
+        if len(page) < size:
+            return rows

@@ -10,6 +10,7 @@ import pytest
 
 from dart_core.crg.graph import CRG
 from tests.openai_stub import OpenAIStub
+from tests.conftest import every_page
 from tests.test_crg_mine import EXPECTED, KEY, script, vocab
 
 
@@ -45,9 +46,9 @@ def test_mine_crg_flow_secret_block_cache_and_no_leak(prefect_harness, tmp_path,
         assert stub.chat_calls() == 30 and res3["report"]["answers_cached"] == 30 and out.exists()
     APILogHandler().flush()  # send the queued log lines before reading them back
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs()
-        task_runs = client.read_task_runs()
-        logs = client.read_logs()
+        flow_runs = every_page(client.read_flow_runs)
+        task_runs = every_page(client.read_task_runs)
+        logs = every_page(client.read_logs)
     ours = [fr for fr in flow_runs if fr.parameters.get("out") == str(out)]
     assert len(ours) == 3
     states = sorted(tr.state.name for tr in task_runs if tr.flow_run_id in {fr.id for fr in ours})

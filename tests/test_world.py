@@ -12,6 +12,7 @@ import torch
 
 from dart_core.world import generator as G
 from dart_core.world.localization import localization_accuracy, localization_counts, patch_centres
+from tests.conftest import every_page
 
 
 def _bg(sample) -> tuple[int, int, int]:
@@ -350,7 +351,7 @@ def test_pretrain_vlp_flow_is_cached_by_inputs(prefect_harness, tmp_path):
     os.unlink(first)
     assert pretrain_vlp(**params) == first and os.path.isfile(first)
     with get_client(sync_client=True) as client:
-        runs = [tr for tr in client.read_task_runs()
+        runs = [tr for tr in every_page(client.read_task_runs)
                 if tr.name.startswith("pretrain-vlp") and tr.created >= started]
     assert sorted(tr.state.name for tr in runs) == ["Cached", "Completed", "Completed", "Completed"]
 
