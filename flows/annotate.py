@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import storage
 from flows.retry import retry_if_transient
+from flows.train import shard_sample_counts
 
 _models: dict = {}
 _models_lock = threading.Lock()
@@ -104,18 +105,6 @@ def _annotate_shards(checkpoint, classes_csv, crg, shards, pred_dir, cfg, thresh
     finally:
         bar.close()
     return [f.result() for f in futures]
-
-
-def shard_sample_counts(shards: list[str]) -> list[int]:
-    """Samples per shard, from their stats files (0 where a shard has none): the progress total."""
-    counts = []
-    for url in shards:
-        try:
-            stats = json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))
-            counts.append(int(stats["ok"]))  # failed inputs have no image in the tar
-        except (OSError, ValueError, KeyError):
-            counts.append(0)
-    return counts
 
 
 def resolve_shards(shards: str | list[str]) -> list[str]:

@@ -8,15 +8,23 @@ from prefect import flow, get_run_logger, task
 from flows import storage
 
 
+def shard_sample_counts(shards: list[str]) -> list[int]:
+    """Samples per shard, from their stats files (0 where a shard has none): what training and the annotate progress count."""
+    counts = []
+    for url in shards:
+        try:
+            stats = json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))
+            counts.append(int(stats["ok"]))  # failed inputs have no image in the tar
+        except (OSError, ValueError, KeyError):
+            counts.append(0)
+    return counts
+
+
 def count_samples(shards_root: str) -> int:
     """ok samples over the complete shards, from their stats files (local or s3)."""
     from dart_core.data.reader import require_shards
 
-    total = 0
-    for tar in require_shards(shards_root):
-        stats = json.loads(storage.read_bytes(tar[: -len(".tar")] + "_stats.json"))
-        total += int(stats["ok"])
-    return total
+    return sum(shard_sample_counts(require_shards(shards_root)))
 
 
 @task(name="train-dart")

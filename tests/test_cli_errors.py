@@ -208,6 +208,23 @@ def interrupt(proc: subprocess.Popen, whole_group: bool) -> None:
     assert "Traceback" not in err, err[-3000:]
 
 
+def stop_twice_then_finish(args: list[str], env: dict, units, what: str, total: int | None = None) -> None:
+    """Run `dart ARGS` and Ctrl-C it once a `what` is done (SIGINT to its process group, as a
+    terminal sends), rerun and Ctrl-C it after one more (SIGINT to the pid alone), then rerun to the
+    end: `units()` counts the units done so far."""
+    first = start(args, env)
+    wait_for(lambda: units() >= 1, first, f"a {what}")
+    interrupt(first, whole_group=True)
+    before = units()
+    second = start(args, env)  # the same command resumes; the interrupted run does not block it
+    wait_for(lambda: units() > before, second, f"a further {what}")
+    interrupt(second, whole_group=False)
+    if total is not None:
+        assert units() < total
+    r = dart(args, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.mark.slow  # three `dart annotate` processes, each ~10 s to start on a loaded 2-core machine
 def test_ctrl_c_annotate_then_rerun(world, tmp_path, cli_env):
     shards = tmp_path / "shards"
@@ -219,16 +236,7 @@ def test_ctrl_c_annotate_then_rerun(world, tmp_path, cli_env):
     def done() -> int:
         return len(list((out / "_done").glob("*.json")))
 
-    first = start(args, cli_env)
-    wait_for(lambda: done() >= 1, first, "a finished shard")
-    interrupt(first, whole_group=True)
-    before = done()
-    second = start(args, cli_env)  # the same command resumes; the interrupted run does not block it
-    wait_for(lambda: done() > before, second, "a further finished shard")
-    interrupt(second, whole_group=False)
-    assert done() < 6
-    r = dart(args, cli_env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    stop_twice_then_finish(args, cli_env, done, "finished shard", total=6)
     rows = duckdb.sql(f"SELECT image_id, count(*) FROM read_parquet('{out}/scores/*/*.parquet') "
                       "GROUP BY image_id").fetchall()
     assert sorted(k for k, _ in rows) == sorted(keys) and {n for _, n in rows} == {1}
@@ -256,14 +264,6 @@ def test_ctrl_c_shard_then_rerun(tmp_path, cli_env):
     def complete() -> int:
         return len(list((out / "train").glob("*_stats.json")))
 
-    first = start(args, cli_env)
-    wait_for(lambda: complete() >= 1, first, "a complete shard")
-    interrupt(first, whole_group=True)
-    before = complete()
-    second = start(args, cli_env)
-    wait_for(lambda: complete() > before, second, "a further complete shard")
-    interrupt(second, whole_group=False)
-    r = dart(args, cli_env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    stop_twice_then_finish(args, cli_env, complete, "complete shard")
     rows = duckdb.sql(f"SELECT key, count(*) FROM read_parquet('{out}/train/*.parquet') GROUP BY key").fetchall()
     assert sorted(k for k, _ in rows) == [f"img_{k}" for k in names] and {n for _, n in rows} == {1}
