@@ -155,11 +155,15 @@ def loss_terms(out, labels: torch.Tensor, lam: float, cfg) -> dict[str, tuple[fl
     return terms
 
 
-def total_loss(out, labels: torch.Tensor, lam: float, cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 1: L = L_clsf + γ_wps·L_wps + γ_pen·L_penalty; returns the loss and each unweighted term
-    (and the total) as floats."""
-    terms = loss_terms(out, labels, lam, cfg)
+def weighted_sum(terms: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ weight × term over `loss_terms`, and each unweighted term (and the total) as floats."""
     loss = sum(w * t for w, t in terms.values())
     parts = {name: float(t.detach()) for name, (_, t) in terms.items()}
     parts["total"] = float(loss.detach())
     return loss, parts
+
+
+def total_loss(out, labels: torch.Tensor, lam: float, cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 1: L = L_clsf + γ_wps·L_wps + γ_pen·L_penalty; returns the loss and each unweighted term
+    (and the total) as floats."""
+    return weighted_sum(loss_terms(out, labels, lam, cfg))

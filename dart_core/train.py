@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dart_core.checkpoint import backbone_change, check_vocabulary, read_checkpoint, save_checkpoint
-from dart_core.losses import loss_terms
+from dart_core.losses import loss_terms, weighted_sum
 from dart_core.model import DART
 from dart_core.vocab import Vocabulary
 
@@ -232,9 +232,7 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             with autocast:
                 out = ddp(images)
                 terms = loss_terms(out, labels, lam, model.cfg)
-                loss = sum(w * t for w, t in terms.values())
-            parts = {name: float(t.detach()) for name, (_, t) in terms.items()}
-            parts["total"] = float(loss.detach())
+                loss, parts = weighted_sum(terms)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at epoch {epoch + 1} step {step} ({parts}); training stopped. "
