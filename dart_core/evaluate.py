@@ -105,7 +105,7 @@ def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
     whatever the scores) and classes without a positive label (no AP)."""
     import json
 
-    from dart_core.infer import shard_id
+    from dart_core.infer import done_marker, shard_id
 
     pred_dir = Path(pred_dir)
     out = []
@@ -114,7 +114,7 @@ def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
         out.append(f"{run_file} is missing: cannot tell whether every shard of the run was annotated")
     else:
         wanted = [shard_id(u) for u in json.loads(run_file.read_text()).get("shards", [])]
-        missing = [s for s in wanted if not ((pred_dir / "_done" / f"{s}.json").is_file()
+        missing = [s for s in wanted if not (done_marker(pred_dir, s).is_file()
                                              and (pred_dir / "scores" / f"shard={s}").is_dir())]
         if missing:
             out.append(f"{pred_dir}: {len(wanted) - len(missing)} of {len(wanted)} shards of the run are finished; "

@@ -66,6 +66,11 @@ def shard_id(url: str) -> str:
     return f"{parts[-2]}-{stem}" if len(parts) > 1 and parts[-2] else stem
 
 
+def done_marker(pred_dir: str | Path, sid: str) -> Path:
+    """PRED/_done/<shard id>.json, written last: the shard's tables are all published."""
+    return Path(pred_dir) / "_done" / f"{sid}.json"
+
+
 # ---- reading a shard, tolerating bad samples ----------------------------------------------------
 
 class _Decode:
@@ -196,7 +201,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     """Score one shard and publish its four tables atomically. Returns the shard's stats."""
     pred_dir = Path(pred_dir)
     sid = shard_id(url)
-    done = pred_dir / "_done" / f"{sid}.json"
+    done = done_marker(pred_dir, sid)
     if done.exists():
         return json.loads(done.read_text()) | {"skipped": True}
     check_interrupt()  # a shard task that starts after Ctrl-C stops before starting its reader
