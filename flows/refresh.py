@@ -91,7 +91,7 @@ def _labels_and_vocab(prefix: str, objs, out: str):
 def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: int = 5000,
                    workers: int | None = None, image_size: int = 256, progress: bool = True, log=None) -> dict:
     from dart_core.data import records as R
-    from dart_core.data.records import InputRecord, SourceError, safe_key
+    from dart_core.data.records import InputRecord, SourceError, sample_key
     from dart_core.data.shard_writer import ShardWriteError, WriterConfig, write_shards
     from dart_core.data.sources.folder import complete_labels
 
@@ -115,9 +115,9 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
         records, rows = [], []
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for o in new:
-            key = safe_key(o.key.rsplit(".", 1)[0])
+            key = sample_key(o.key)
             if (prefix, o.key) in known_keys:  # changed object: keep both versions distinct
-                key = f"{key}_{safe_key(o.etag)[:8]}"
+                key = sample_key(f"{o.key}#{o.etag}")
             src = {"dataset": "refresh", "prefix": prefix, "key": o.key, "etag": o.etag}
             lab = labels.get(o.key, {})
             err = None

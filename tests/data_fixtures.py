@@ -8,6 +8,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from dart_core.data.records import sample_key
 from PIL import Image
 
 
@@ -65,23 +67,23 @@ def make_folder(root: Path, n_good: int = 12, with_classes: bool = True) -> dict
         (root / rel).write_bytes(jpeg(320 + i, 240, i))
         lab = "cat|-dog" if i % 2 else "dog|-cat|bird"
         rows.append((rel, lab))
-        ok[rel.replace("/", "_")[:-4]] = {"cat": 1, "dog": -1} if i % 2 else {"dog": 1, "cat": -1, "bird": 1}
+        ok[sample_key(rel)] = {"cat": 1, "dog": -1} if i % 2 else {"dog": 1, "cat": -1, "bird": 1}
     for name, data in unusual_images().items():
         (root / "img" / name).write_bytes(data)
         rows.append((f"img/{name}", "bird"))
-        ok[f"img_{name.rsplit('.', 1)[0]}"] = {"bird": 1}
+        ok[sample_key(f"img/{name}")] = {"bird": 1}
     for name, (data, reason) in bad_images().items():
         (root / "img" / name).write_bytes(data)
         rows.append((f"img/{name}", "cat"))
-        failed[f"img_{name.rsplit('.', 1)[0]}"] = reason
-    rows.append(("img/missing.jpg", "cat")); failed["img_missing"] = "missing_file"
+        failed[sample_key(f"img/{name}")] = reason
+    rows.append(("img/missing.jpg", "cat")); failed[sample_key("img/missing.jpg")] = "missing_file"
     rows.append(("img/g001.jpg", "dog"))  # duplicate id: the first occurrence wins
-    rows.append(("../outside.jpg", "cat")); failed["outside"] = "path_escapes_source"
+    rows.append(("../outside.jpg", "cat")); failed[sample_key("../outside.jpg")] = "path_escapes_source"
     (root.parent / "outside.jpg").write_bytes(jpeg(100, 100, 1))
     if with_classes:
         rows.append(("img/g002.jpg".replace("g002", "g_unknown"), "zebra"))
         (root / "img" / "g_unknown.jpg").write_bytes(jpeg(300, 300, 5))
-        failed["img_g_unknown"] = "unknown_class"
+        failed[sample_key("img/g_unknown.jpg")] = "unknown_class"
         (root / "classes.csv").write_text("id,name,split\ncat,cat,seen\ndog,dog,seen\nbird,bird,unseen\n")
     with open(root / "labels.csv", "w") as f:
         f.write("path,labels\n")
@@ -151,11 +153,11 @@ def make_nuswide(root: Path) -> dict:
     for i, (d, f) in enumerate(imgs):
         (root / "Flickr" / d / f"{f}.jpg").write_bytes(jpeg(280, 300, i))
     ok = {
-        "actor_0001_2124494179": {"sunset": 1, "car": -1, "tree": -1, "beach": 1, "sky": 1, "dog": -1, "animal": -1},
-        "actor_0002_174174086": {"sunset": -1, "car": -1, "tree": 1, "beach": -1, "sky": -1, "dog": 1, "animal": 1},
-        "beach_0003_1234": {"sunset": -1, "car": 1, "tree": -1, "beach": 1, "sky": -1, "dog": -1, "animal": 1},
+        sample_key("actor/0001_2124494179.jpg"): {"sunset": 1, "car": -1, "tree": -1, "beach": 1, "sky": 1, "dog": -1, "animal": -1},
+        sample_key("actor/0002_174174086.jpg"): {"sunset": -1, "car": -1, "tree": 1, "beach": -1, "sky": -1, "dog": 1, "animal": 1},
+        sample_key("beach/0003_1234.jpg"): {"sunset": -1, "car": 1, "tree": -1, "beach": 1, "sky": -1, "dog": -1, "animal": 1},
     }
-    return {"ok": ok, "failed": {"beach_0004_99": "malformed_label"}}
+    return {"ok": ok, "failed": {sample_key("beach/0004_99.jpg"): "malformed_label"}}
 
 
 def make_coco(root: Path, split: str = "val2014") -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from dart_core.data.records import sample_key
 from tests.annotate_fixtures import COLOURS, make_shards, world  # noqa: F401
 from tests.conftest import REPO
 from tests.data_fixtures import jpeg
@@ -266,4 +267,4 @@ def test_ctrl_c_shard_then_rerun(tmp_path, cli_env):
 
     stop_twice_then_finish(args, cli_env, complete, "complete shard")
     rows = duckdb.sql(f"SELECT key, count(*) FROM read_parquet('{out}/train/*.parquet') GROUP BY key").fetchall()
-    assert sorted(k for k, _ in rows) == [f"img_{k}" for k in names] and {n for _, n in rows} == {1}
+    assert sorted(k for k, _ in rows) == sorted(sample_key(f"img/{k}.jpg") for k in names) and {n for _, n in rows} == {1}

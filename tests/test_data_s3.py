@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dart_core.data.records import sample_key
 from dart_core.data.reader import list_shards, make_loader
 from dart_core.vocab import Vocabulary
 from flows import storage
@@ -38,7 +39,7 @@ def upload_folder(base: str, n: int, prefix: str = "img/p") -> list[str]:
     for i in range(n):
         put(f"{base}/{prefix}{i}.jpg", jpeg(200, 150, i))
         rows.append(f"{prefix}{i}.jpg,{'cat' if i % 2 else 'dog|-cat'}")
-        keys.append(f"{prefix.replace('/', '_')}{i}")
+        keys.append(sample_key(f"{prefix}{i}.jpg"))
     data, _ = bad_images()["truncated.jpg"]
     put(f"{base}/img/trunc.jpg", data)
     rows += ["img/trunc.jpg,cat", "img/gone.jpg,cat", "../escape.jpg,cat"]
@@ -63,7 +64,7 @@ def test_s3_source_to_s3_shards_and_reader(s3_bucket):
     for imgs, lab, k in make_loader(shards, vocab, lambda im: torch.zeros(3, 4, 4), 4, train=False, num_workers=2):
         got.update(zip(k, lab.tolist()))
     assert sorted(got) == sorted(keys)
-    assert got["img_p0"] == [-1, 1] and got["img_p1"] == [1, -1]  # "cat": dog, not named, is a negative
+    assert got[sample_key("img/p0.jpg")] == [-1, 1] and got[sample_key("img/p1.jpg")] == [1, -1]  # "cat": dog, not named, is a negative
     # incremental rerun against S3: nothing new
     r = shard_source(src, "folder", out, shard_size=4, workers=1, progress=False)
     assert (r["skipped"], r["ok"], r["new_shards"]) == (12, 0, [])
@@ -77,7 +78,7 @@ def test_refresh_only_new_objects(s3_bucket):
     put(f"{raw}/notes.txt", b"not an image")
     r1 = refresh_prefix(raw, out, shard_size=3, workers=1, progress=False)
     assert r1["new_objects"] == 5 and r1["new_shards"] == [f"{out}/train/000000.tar", f"{out}/train/000001.tar"]
-    assert sorted(k for s in r1["new_shards"] for k in s3_tar_keys(s)) == [f"day1_x{i}" for i in range(5)]
+    assert sorted(k for s in r1["new_shards"] for k in s3_tar_keys(s)) == sorted(sample_key(f"day1/x{i}.jpg") for i in range(5))
     before = {o.key: o.etag for o in storage.list_objects(out)}
     # nothing new: nothing written, nothing returned
     r2 = refresh_prefix(raw, out, shard_size=3, workers=1, progress=False)
@@ -90,12 +91,12 @@ def test_refresh_only_new_objects(s3_bucket):
     r3 = refresh_prefix(raw, out, shard_size=3, workers=1, progress=False)
     assert r3["new_objects"] == 3 and r3["new_shards"] == [f"{out}/train/000002.tar"]
     new_keys = s3_tar_keys(r3["new_shards"][0])
-    # the changed object keeps its old sample and gets a new one suffixed with its new ETag
+    # the changed object keeps its old sample and gets a new one keyed by its path and new ETag
     new_etag = next(o.etag for o in storage.list_objects(raw) if o.key == "day1/x4.jpg")
-    assert new_keys == [f"day1_x4_{new_etag[:8]}", "day2_y0", "day2_y1"]
+    assert new_keys == [sample_key(f"day1/x4.jpg#{new_etag}"), sample_key("day2/y0.jpg"), sample_key("day2/y1.jpg")]
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(r1["new_shards"][0]))) as tf:
         meta = {m.name.split(".")[0]: json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")}
-    assert meta["day1_x0"]["labels"] == {"cat": 1} and meta["day1_x1"]["labels"] == {"cat": -1, "dog": 1}
+    assert meta[sample_key("day1/x0.jpg")]["labels"] == {"cat": 1} and meta[sample_key("day1/x1.jpg")]["labels"] == {"cat": -1, "dog": 1}
     assert storage.read_bytes(f"{out}/classes.csv").decode().splitlines() == ["id,name,split", "cat,cat,seen", "dog,dog,seen"]
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dart_core.data.records import sample_key
 from dart_core.data.reader import list_shards, make_loader
 from dart_core.vocab import Vocabulary
 from flows.shard import ShardRunError, shard_source
@@ -62,16 +63,16 @@ def test_folder_shards_exact(folder_run):
         im = Image.open(io.BytesIO(samples[key]["jpg"]))
         assert im.format == "JPEG" and im.mode == "RGB" and min(im.size) <= 256
     # EXIF orientation applied: stored 400x300 with orientation 6 -> 300x400 -> 256x341
-    assert Image.open(io.BytesIO(samples["img_rotated"]["jpg"])).size == (256, 341)
+    assert Image.open(io.BytesIO(samples[sample_key("img/rotated.jpg")]["jpg"])).size == (256, 341)
     # 16-bit white stays white (scaled, not clipped to garbage); alpha composited on white
-    assert Image.open(io.BytesIO(samples["img_sixteen"]["jpg"])).getpixel((5, 5))[0] > 240
-    assert Image.open(io.BytesIO(samples["img_alpha"]["jpg"])).getpixel((5, 5))[1] > 240
+    assert Image.open(io.BytesIO(samples[sample_key("img/sixteen.png")]["jpg"])).getpixel((5, 5))[0] > 240
+    assert Image.open(io.BytesIO(samples[sample_key("img/alpha.png")]["jpg"])).getpixel((5, 5))[1] > 240
     rows = parquet_rows(shard_dir)
     assert len(rows) == exp["inputs"]
     failed = [r for r in rows if r["status"] == "failed"]
     assert Counter(r["reason"] for r in failed) == Counter(exp["reasons"])
     assert {r["key"]: r["reason"] for r in failed if r["reason"] != "duplicate_id"} == exp["failed"]
-    assert [r["key"] for r in failed if r["reason"] == "duplicate_id"] == ["img_g001"]
+    assert [r["key"] for r in failed if r["reason"] == "duplicate_id"] == [sample_key("img/g001.jpg")]
     assert all(r["error"].startswith(r["reason"] + ": ") for r in failed)
     assert report["reconciles"] and report["ok"] == len(exp["ok"]) and report["inputs"] == exp["inputs"]
     assert report["failed_by_reason"] == dict(sorted(exp["reasons"].items()))
@@ -107,7 +108,7 @@ def test_reader_eval_exactly_once_and_labels(folder_run):
     # a subset / superset vocabulary: unknown ids ignored, absent classes 0
     other = Vocabulary.from_names(["dog", "zebra"])
     got = {k: l.tolist() for _, L, K in make_loader(shards, other, pre, 64, train=False) for k, l in zip(K, L)}
-    assert got["img_sub_g000"] == [1, 0] and got["img_g001"] == [-1, 0]
+    assert got[sample_key("img/sub/g000.jpg")] == [1, 0] and got[sample_key("img/g001.jpg")] == [-1, 0]
 
 
 def test_reader_eval_split_by_node_is_a_partition(folder_run, monkeypatch):
@@ -258,8 +259,8 @@ def positive_only_folder(root: Path) -> None:
 
 @pytest.mark.parametrize("absent, expected", [
     # vocabulary order cat, dog, bird, fish; 1 positive, -1 negative, 0 unknown
-    (None, {"img_a": [1, -1, -1, -1], "img_b": [1, 0, -1, -1], "img_c": [-1, 1, -1, 0], "img_d": [-1, -1, -1, -1]}),
-    ("unknown", {"img_a": [1, 0, 0, 0], "img_b": [1, 0, 0, 0], "img_c": [0, 1, -1, 0], "img_d": [0, 0, 0, 0]}),
+    (None, {"img/a.jpg": [1, -1, -1, -1], "img/b.jpg": [1, 0, -1, -1], "img/c.jpg": [-1, 1, -1, 0], "img/d.jpg": [-1, -1, -1, -1]}),
+    ("unknown", {"img/a.jpg": [1, 0, 0, 0], "img/b.jpg": [1, 0, 0, 0], "img/c.jpg": [0, 1, -1, 0], "img/d.jpg": [0, 0, 0, 0]}),
 ])
 def test_folder_absent_classes_in_the_shards(tmp_path, absent, expected):
     from typer.testing import CliRunner
@@ -267,6 +268,7 @@ def test_folder_absent_classes_in_the_shards(tmp_path, absent, expected):
     from dart_core.data.reader import labels_tensor
     from flows.cli import app
 
+    expected = {sample_key(path): labels for path, labels in expected.items()}
     positive_only_folder(tmp_path / "src")
     args = ["shard", str(tmp_path / "src"), "--format", "folder", "--out", str(tmp_path / "out"), "--workers", "1"]
     r = CliRunner().invoke(app, args + (["--absent", absent] if absent else []))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from dart_core.data.records import sample_key
 from dart_core.data.records import SourceError
 from dart_core.data.sources import open_source
 from tests.data_fixtures import NUS_CONCEPTS, make_coco, make_folder, make_nuswide, make_openimages
@@ -55,8 +56,8 @@ def test_nuswide_layout(tmp_path):
     assert set(recs) == set(exp["ok"]) | set(exp["failed"])
     for k, lab in exp["ok"].items():
         assert recs[k].labels == lab and recs[k].error is None
-    assert recs["actor_0001_2124494179"].path == str(tmp_path / "Flickr" / "actor" / "0001_2124494179.jpg")
-    assert recs["beach_0004_99"].error[0] == "malformed_label"
+    assert recs[sample_key("actor/0001_2124494179.jpg")].path == str(tmp_path / "Flickr" / "actor" / "0001_2124494179.jpg")
+    assert recs[sample_key("beach/0004_99.jpg")].error[0] == "malformed_label"
     assert len(NUS_CONCEPTS) == src.vocab.unseen_mask.sum()
 
 
@@ -92,7 +93,7 @@ def test_folder_source_rows(tmp_path):
     recs = list(src.records)
     assert len(recs) == exp["inputs"]
     pre = {r.key: r.error[0] for r in recs if r.error}
-    assert pre == {"outside": "path_escapes_source", "img_g_unknown": "unknown_class"}
+    assert pre == {sample_key("../outside.jpg"): "path_escapes_source", sample_key("img/g_unknown.jpg"): "unknown_class"}
 
 
 def test_folder_without_classes_csv_and_bad_header(tmp_path):

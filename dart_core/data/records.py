@@ -49,13 +49,28 @@ class SourceData:
 
 
 MAX_KEY_LEN = 96
+_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+HASH_SEP = "~"   # never in a plain key: hashed keys and plain keys cannot meet
 
 
-def safe_key(text: str) -> str:
-    """A webdataset-safe key: no dots (webdataset splits the extension at the first dot), no
-    slashes. Different inputs may collide after this; the writer then reports a duplicate id."""
-    key = _UNSAFE.sub("_", text).strip("_") or "_"
-    if len(key) > MAX_KEY_LEN:  # tar member names stay short; the hash keeps long keys distinct
-        key = key[:MAX_KEY_LEN - 17] + "_" + hashlib.sha1(text.encode()).hexdigest()[:16]
-    return key
+def sample_key(path: str) -> str:
+    """The webdataset-safe sample key of an input's relative path (or any identifying text),
+    unique and stable: distinct paths never share a key, the same path always gets the same one.
+
+    - `NAME.jpg` with NAME made only of [A-Za-z0-9_-] (at most 96 characters) has the key NAME:
+      Open Images ids, COCO file stems and most camera/export names stay readable;
+    - any other path (other extensions, folders, dots, spaces, quotes, CJK, ...) becomes a
+      readable slug of the whole path, `~`, and the first 16 hex digits of the SHA-1 of the exact
+      path: `写真/猫.jpg` -> `jpg~…`, `a/b_c.jpg` -> `a_b_c_jpg~9e82…`, `a_b/c.jpg` ->
+      `a_b_c_jpg~c7cf…`, `a.png` -> `a_png~…` (not `a`, which is `a.jpg`'s).
+    Plain keys never hold `~`, so the two kinds cannot meet; two hashed keys meet only if two
+    paths share a slug and a 64-bit hash, and the writer would still report that as a duplicate id
+    rather than merge two images. No dots (webdataset splits the extension at the first dot) and
+    no slashes in any key."""
+    stem = path[:-4] if path.endswith(".jpg") else None
+    if stem and _SAFE.fullmatch(stem) and len(stem) <= MAX_KEY_LEN:
+        return stem
+    digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    slug = _UNSAFE.sub("_", path).strip("_")[:MAX_KEY_LEN - len(digest) - 1]
+    return f"{slug}{HASH_SEP}{digest}"

@@ -13,7 +13,7 @@ from importlib import resources
 
 from dart_core.data import records as R
 from dart_core.data.fs import FileSystem, LocalFS
-from dart_core.data.records import InputRecord, SourceData, SourceError, safe_key
+from dart_core.data.records import InputRecord, SourceData, SourceError, sample_key
 from dart_core.data.sources._util import read_text
 from dart_core.vocab import Vocabulary
 
@@ -70,10 +70,10 @@ def _records(images_meta, per_image, bad, vocab_set, img_root, fs, split, where)
         try:
             img_id, fname = im["id"], str(im["file_name"])
         except (KeyError, TypeError):
-            yield InputRecord(safe_key(f"images_{i}"), "", {}, {"dataset": "coco", "split": split},
+            yield InputRecord(sample_key(f"{where}:images[{i}]"), "", {}, {"dataset": "coco", "split": split},
                               (R.MALFORMED_ROW, f"{where}: images[{i}] lacks id/file_name"))
             continue
-        key = safe_key(fname.rsplit(".", 1)[0])
+        key = sample_key(fname)
         src = {"dataset": "coco", "split": split, "image_id": img_id, "file_name": fname}
         path = resolve_inside(img_root, fname)
         if path is None:

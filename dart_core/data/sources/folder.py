@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dart_core.data import records as R
 from dart_core.data.fs import FileSystem, LocalFS, is_remote
-from dart_core.data.records import InputRecord, SourceData, SourceError, safe_key
+from dart_core.data.records import InputRecord, SourceData, SourceError, sample_key
 from dart_core.data.sources._util import csv_rows, read_text
 from dart_core.vocab import Vocabulary, VocabularyError
 
@@ -75,7 +75,7 @@ def resolve_inside(root: str, rel: str) -> str | None:
 
 
 def key_for(rel: str) -> str:
-    return safe_key(posixpath.splitext(posixpath.normpath(rel.replace("\\", "/")))[0])
+    return sample_key(posixpath.normpath(rel.replace("\\", "/")))
 
 
 def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train",
@@ -122,7 +122,7 @@ def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train"
 def _records(root: str, parsed, class_ids, absent: str):
     known = set(class_ids)
     for where, rel, labels, err in parsed:
-        key = key_for(rel) if rel else safe_key(where)
+        key = key_for(rel) if rel else sample_key(where)
         src = {"dataset": "folder", "row": where, "path": rel}
         if err is not None:
             yield InputRecord(key, rel, {}, src, err)

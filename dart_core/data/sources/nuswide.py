@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dart_core.data import records as R
 from dart_core.data.fs import FileSystem, LocalFS
-from dart_core.data.records import InputRecord, SourceData, SourceError, safe_key
+from dart_core.data.records import InputRecord, SourceData, SourceError, sample_key
 from dart_core.data.sources._util import read_text
 from dart_core.vocab import Vocabulary
 
@@ -71,7 +71,7 @@ def _records(root, fs, split, list_name, tags_name, paths, tag_rows, gt, tags, s
     for i, raw in enumerate(paths):
         parts = [p for p in raw.replace("\\", "/").split("/") if p]
         rel = "/".join(parts[-2:])
-        key = safe_key(rel.rsplit(".", 1)[0])
+        key = sample_key(rel)
         src = {"dataset": "nuswide", "split": split, "row": f"{list_name}:{i + 1}", "path": raw}
         if len(parts) < 2 or ".." in parts[-2:]:
             yield InputRecord(key, raw, {}, src, (R.MALFORMED_ROW, f"{list_name}:{i + 1}: cannot map {raw!r} to Flickr/<concept>/<file>"))

@@ -26,7 +26,7 @@ from collections import Counter
 
 from dart_core.data import records as R
 from dart_core.data.fs import FileSystem, LocalFS
-from dart_core.data.records import InputRecord, SourceData, SourceError, safe_key
+from dart_core.data.records import InputRecord, SourceData, SourceError, sample_key
 from dart_core.data.sources._util import csv_rows, lines, read_text
 from dart_core.vocab import Vocabulary
 
@@ -136,7 +136,7 @@ def _records(text: str, where: str, desc: dict[str, str], vocab_ids: set[str], i
     first_line = 2
 
     def emit():
-        key = safe_key(cur)
+        key = sample_key(f"{cur}.jpg")
         src = {"dataset": "openimages", "split": split, "image_id": cur, "row": f"{where}:{first_line}"}
         return InputRecord(key, fs.join(img_root, f"{cur}.jpg"), {} if err else labels, src, err)
 
