@@ -105,7 +105,8 @@ def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
     whatever the scores) and classes without a positive label (no AP)."""
     import json
 
-    from dart_core.infer import done_marker, shard_id
+    from dart_core.data.shard_format import shard_id
+    from dart_core.infer import done_marker
 
     pred_dir = Path(pred_dir)
     out = []

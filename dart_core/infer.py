@@ -1,6 +1,8 @@
 """Bulk inference: tag every sample of a shard and write the prediction tables (docs/annotate.md).
 
-Per shard `S` (read whole, in order, by one DataLoader worker so decoding overlaps compute):
+Per shard `S` — its id `<split>-<NNNNNN>` (dart_core.data.shard_format.shard_id), the same as in
+the shard's sidecar and stats file — read whole, in order, by one DataLoader worker so decoding
+overlaps compute:
     PRED/scores/shard=S/part.parquet   image_id, scores list<float16> (vocabulary order)
     PRED/tags/shard=S/part.parquet     image_id, class_id, class_name, score, rank, unseen,
                                        above_threshold, patches list<int16>, patch_scores list<float16>
@@ -13,7 +15,6 @@ crash/rerun sequence every sample has exactly one `scores/` row.
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dart_core.data.shard_format import SampleDecoder, member_names, shard_id
 from dart_core.interrupt import check as check_interrupt
 from dart_core.metrics import ranked_known
 from dart_core.vocab import Vocabulary
@@ -59,12 +61,6 @@ class AnnotateConfig:
     score: str = "dart"
 
 
-def shard_id(url: str) -> str:
-    """Partition value for a shard URL: `<parent>-<stem>` (e.g. `val-000003`), unique across splits."""
-    parts = str(url).rstrip("/").split("/")
-    stem = parts[-1].rsplit(".", 1)[0]
-    return f"{parts[-2]}-{stem}" if len(parts) > 1 and parts[-2] else stem
-
 
 def done_marker(pred_dir: str | Path, sid: str) -> Path:
     """PRED/_done/<shard id>.json, written last: the shard's tables are all published."""
@@ -72,36 +68,6 @@ def done_marker(pred_dir: str | Path, sid: str) -> Path:
 
 
 # ---- reading a shard, tolerating bad samples ----------------------------------------------------
-
-class _Decode:
-    """webdataset sample -> (image tensor | None, labels int8, key, error | None). Never raises: a
-    corrupt sample becomes an error row and the shard goes on."""
-
-    def __init__(self, vocab: Vocabulary, preprocess):
-        self.index = {cid: i for i, cid in enumerate(vocab.ids)}
-        self.n = len(vocab)
-        self.preprocess = preprocess
-
-    def __call__(self, sample: dict):
-        from PIL import Image
-
-        from dart_core.data.reader import labels_tensor
-
-        key = sample.get("__key__", "?")
-        try:
-            meta = json.loads(sample["json"])
-            labels = labels_tensor(meta, self.index, self.n)
-        except Exception as e:  # noqa: BLE001 — recorded, not raised
-            return None, torch.zeros(self.n, dtype=torch.int8), key, f"bad json: {type(e).__name__}: {e}"
-        if "jpg" not in sample:
-            return None, labels, key, "sample has no jpg member"
-        try:
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
-                img = self.preprocess(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001
-            return None, labels, key, f"undecodable image: {type(e).__name__}: {e}"
-        return img, labels, key, None
-
 
 def _collate(batch):
     return batch  # decoded per sample in the worker; the model step stacks the good ones
@@ -111,12 +77,14 @@ def shard_batches(url: str, vocab: Vocabulary, preprocess, batch_size: int, num_
     """Batches of decoded samples of ONE shard, in order; decoding in `num_workers` workers."""
     import webdataset as wds
 
-    from dart_core.data.reader import to_wds_url
+    from dart_core.data.reader import opened_here
 
+    # strict=False: a corrupt sample becomes an error row (image None) and the shard goes on
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList([to_wds_url(url)]),
+        wds.SimpleShardList([str(url)]),
+        opened_here,
         wds.tarfile_to_samples(),
-        wds.map(_Decode(vocab, preprocess)),
+        wds.map(SampleDecoder(vocab.ids, preprocess, strict=False)),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     if num_workers <= 0:
@@ -429,9 +397,12 @@ def read_thresholds(path: str | Path, vocab: Vocabulary) -> np.ndarray:
 
 
 def read_shard_image(url: str, key: str) -> bytes:
-    """The jpg bytes of one sample of a local shard (for the audit report's thumbnails)."""
-    with tarfile.open(url) as tar:
+    """The jpg bytes of one sample of a shard, local or s3:// (for the audit report's thumbnails)."""
+    from dart_core import storage
+
+    jpg = member_names(key)[0]
+    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for m in tar:
-            if m.name == f"{key}.jpg":
+            if m.name == jpg:
                 return tar.extractfile(m).read()
     raise KeyError(f"{key} not in {url}")

@@ -39,11 +39,15 @@ class Vocabulary:
 
     @classmethod
     def read_csv(cls, path: str | Path) -> "Vocabulary":
-        path = Path(path)
-        if not path.is_file():
-            raise VocabularyError(f"{path}: vocabulary file not found")
-        text = path.read_text(encoding="utf-8-sig")
-        return cls.parse_csv(text, where=str(path))
+        """A classes.csv, local or s3:// (dart_core.storage)."""
+        from dart_core import storage
+
+        path = storage.join(path)
+        try:
+            text = storage.read_bytes(path).decode("utf-8-sig")
+        except (FileNotFoundError, IsADirectoryError):
+            raise VocabularyError(f"{path}: vocabulary file not found") from None
+        return cls.parse_csv(text, where=path)
 
     @classmethod
     def parse_csv(cls, text: str, where: str = "classes.csv") -> "Vocabulary":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows import storage
+from dart_core import storage
 from flows.retry import retry_if_transient
 from flows.train import shard_sample_counts
 
@@ -123,9 +123,9 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
             raise AnnotateError(f"shard {shards} does not exist")
         return [shards]
     found = list_shards(shards)
-    if not found and not storage.is_s3(shards) and Path(shards).is_dir():
-        for sub in sorted(p for p in Path(shards).iterdir() if p.is_dir()):
-            found += list_shards(str(sub))
+    if not found:
+        for sub in storage.list_dirs(shards):
+            found += list_shards(storage.join(shards, sub))
     if not found:
         raise AnnotateError(f"no complete shards under {shards}")
     return found

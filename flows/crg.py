@@ -2,7 +2,7 @@
 
 The work is dart_core.crg; this module adds what dart_core must not know about: the API key (from
 OPENAI_API_KEY, or a Prefect Secret block whose *name* is the flow parameter), an S3-or-local
-answer cache (flows.storage), the CLIP text embedder, and Prefect caching of the whole task by
+answer cache (dart_core.crg.cache.StorageCache), the CLIP text embedder, and Prefect caching of the whole task by
 INPUTS + TASK_SOURCE (the inputs include the vocabulary's content hash, not just its path).
 
 Secrets: the key goes from the environment / Secret block straight into the openai client. It is
@@ -12,17 +12,14 @@ cache and not in crg.json.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows import storage
+from dart_core import storage
 
 
 @dataclass
@@ -66,13 +63,9 @@ def default_cache_dir() -> str:
 
 
 def read_vocab(url: str):
-    from dart_core.vocab import Vocabulary, VocabularyError
+    from dart_core.vocab import Vocabulary
 
-    if storage.is_s3(url):
-        if not storage.exists(url):
-            raise VocabularyError(f"{url}: vocabulary file not found")
-        return Vocabulary.parse_csv(storage.read_bytes(url).decode("utf-8-sig"), where=url)
-    return Vocabulary.read_csv(url)
+    return Vocabulary.read_csv(url)  # local or s3://
 
 
 def read_existing(url: str):
@@ -80,31 +73,19 @@ def read_existing(url: str):
     from dart_core.crg.graph import CRG, CRGError
 
     try:
-        if storage.is_s3(url):
-            if not storage.exists(url):
-                return None
-            with tempfile.TemporaryDirectory() as d:
-                p = Path(d, "crg.json")
-                p.write_bytes(storage.read_bytes(url))
-                return CRG.read(p)
-        return CRG.read(url) if Path(url).exists() else None
+        return CRG.read(url)  # local or s3://
     except CRGError:
         return None
 
 
 def write_crg(crg, url: str) -> None:
-    if storage.is_s3(url):
-        storage.write_bytes(url, json.dumps(crg.to_json(), indent=1, ensure_ascii=False).encode("utf-8"))
-    else:
-        crg.write(url)
+    crg.write(url)  # local or s3://
 
 
 def make_cache(url: str):
-    from dart_core.crg.cache import CallbackCache, LocalCache
+    from dart_core.crg.cache import StorageCache
 
-    if storage.is_s3(url):
-        return CallbackCache(storage.read_bytes, storage.write_bytes, storage.exists, storage.join, url)
-    return LocalCache(url)
+    return StorageCache(url)  # local or s3://
 
 
 def make_embed_fn(backbone: str, pretrained: str) -> Callable:
@@ -230,7 +211,10 @@ def summary_lines(res: MineResult, crg) -> list[str]:
 
 # ---- Prefect -------------------------------------------------------------------------------------
 def _file_sha(url: str) -> str:
-    data = storage.read_bytes(url) if (storage.is_s3(url) or Path(url).exists()) else b""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        data = b""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -41,7 +41,8 @@ def write_eval(res: dict, json_out: str) -> None:
 @flow(name="audit")
 def audit_flow(pred: str, out: str, top: int = 3, limit: int = 50) -> str:
     from dart_core.evaluate import audit
-    from dart_core.infer import read_shard_image, shard_id
+    from dart_core.data.shard_format import shard_id
+    from dart_core.infer import read_shard_image
     from dart_core.report import write_report
 
     run = json.loads(Path(pred, "run.json").read_text())
@@ -50,11 +51,11 @@ def audit_flow(pred: str, out: str, top: int = 3, limit: int = 50) -> str:
 
     def image_bytes(shard: str, key: str):
         url = by_id.get(shard)
-        if url is None or url.startswith("s3://"):
+        if url is None:
             return None
         try:
-            return read_shard_image(url, key)
-        except (KeyError, OSError):
+            return read_shard_image(url, key)  # local or s3://
+        except Exception:  # noqa: BLE001 - a thumbnail is optional: the report goes on without it
             return None
 
     grid = tuple(run.get("grid", (14, 14)))

@@ -18,7 +18,7 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import storage
+from dart_core import storage
 from flows.shard import ShardRunError, resolve_vocabulary
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -26,11 +26,10 @@ MANIFEST = "_refresh/manifest.parquet"
 
 
 def _read_manifest(url: str):
-    from dart_core.data.store import read_parquet_bytes
-
-    if not storage.exists(url):
+    try:
+        return storage.read_parquet_bytes(storage.read_bytes(url)).to_pylist()
+    except FileNotFoundError:
         return []
-    return read_parquet_bytes(storage.read_bytes(url)).to_pylist()
 
 
 def _write_manifest(url: str, rows: list[dict]) -> None:
@@ -118,7 +117,7 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
             key = sample_key(o.key)
             if (prefix, o.key) in known_keys:  # changed object: keep both versions distinct
                 key = sample_key(f"{o.key}#{o.etag}")
-            src = {"dataset": "refresh", "prefix": prefix, "key": o.key, "etag": o.etag}
+            src = {"dataset": "refresh", "prefix": prefix, "file": o.key, "key": o.key, "etag": o.etag}
             lab = labels.get(o.key, {})
             err = None
             if isinstance(lab, tuple):
@@ -128,10 +127,10 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
             records.append(InputRecord(key, o.url, complete_labels(lab, (), "unknown"), src, err))
             rows.append({"prefix": prefix, "key": o.key, "etag": o.etag, "size": o.size,
                          "sample_key": key, "refreshed_at": now})
-        store = storage.shard_store(storage.join(out, split))
+        store = storage.ShardDir(storage.join(out, split))
         report = write_shards(records, store, WriterConfig(shard_size=shard_size, mode="extend", workers=workers,
                                                            image_size=image_size, progress=progress),
-                              reader=storage.StorageFS(), meta={"dataset": "refresh", "split": split, "source": prefix},
+                              reader=storage.Storage(), meta={"dataset": "refresh", "split": split, "source": prefix},
                               log=log)
     except (SourceError, ShardWriteError) as e:
         raise ShardRunError(str(e)) from None

@@ -1,5 +1,5 @@
 """`shard` flow: one source (local or s3://) in one of the four formats -> `OUT/classes.csv` +
-`OUT/<split>/NNNNNN.{tar,parquet}` + `NNNNNN_stats.json`. The CLI (`dart shard`) calls
+`OUT/<split>/NNNNNN.{tar,parquet}` + `NNNNNN_stats.json` (dart_core.data.shard_format). The CLI (`dart shard`) calls
 `shard_source`, the same function the flow's task runs.
 
 Vocabulary per mode: incremental requires OUT/classes.csv (if any) to equal the source's
@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import storage
+from dart_core import storage
 
 
 class ShardRunError(RuntimeError):
@@ -53,12 +53,13 @@ def check_absent_rule(store, absent: str, mode: str) -> None:
     """An incremental rerun must label absent classes as the complete shards already did. Shards
     that do not record the rule (written before it was recorded) are not checked: the demo's, for
     one, name every class explicitly, so either rule gives them the same labels."""
-    import json
+    from dart_core.data import shard_format as F
 
     if mode != "incremental":
         return
-    for name in sorted(n for n in store.list_names() if n.endswith("_stats.json")):
-        stats = json.loads(store.read_bytes(name))
+    for i in sorted(F.scan(store.list_names())[0]):
+        name = F.file_name(i, F.STATS)
+        stats = F.read_stats(store, i)
         had = stats.get("absent") if stats.get("dataset") == "folder" else None
         if had is not None and had != absent:
             raise ShardRunError(f"{store.url_of(name)}: written with --absent {had}, this run asks for --absent "
@@ -85,19 +86,21 @@ def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, s
     try:
         cfg = WriterConfig(shard_size=shard_size, mode=mode, workers=workers, image_size=image_size,
                            max_shard_bytes=max_shard_bytes, progress=progress)
-        fs = storage.StorageFS()
+        fs = storage.Storage()
         src = open_source(fmt, source, split=split, fs=fs, **options)
-        store = storage.shard_store(storage.join(out, src.split))
+        store = storage.ShardDir(storage.join(out, src.split))
         if options:
             check_absent_rule(store, options["absent"], mode)
         vocab = resolve_vocabulary(out, src.vocab, mode)
+        if log is not None and src.split_rule:  # before the (long) run: a wrong split can be stopped now
+            log(f"{src.dataset} {src.split}: {src.split_rule}")
         report = write_shards(src.records, store, cfg, reader=fs,
                               meta={"dataset": src.dataset, "split": src.split, "source": source, **options},
                               log=log)
     except (SourceError, ShardWriteError) as e:
         raise ShardRunError(str(e)) from None
     d = report.to_dict()
-    d.update(split=src.split, dataset=src.dataset, classes=len(vocab), vocab_hash=vocab.hash(),
+    d.update(split=src.split, dataset=src.dataset, classes=len(vocab), vocab_hash=vocab.hash(), split_rule=src.split_rule,
              classes_csv=storage.join(out, "classes.csv"), **options)
     return d
 
@@ -113,7 +116,7 @@ def shard_split_task(source: str, fmt: str, out: str, split: str | None, shard_s
 def reconcile_task(shard_dir: str) -> dict:
     from dart_core.data.shard_writer import totals
 
-    return totals(storage.shard_store(shard_dir))
+    return totals(storage.ShardDir(shard_dir))
 
 
 @flow(name="shard")

@@ -1,23 +1,14 @@
 """Prefect flow `train`: DART on shards. The task receives paths and returns the checkpoint path."""
 from __future__ import annotations
 
-import json
-
 from prefect import flow, get_run_logger, task
-
-from flows import storage
 
 
 def shard_sample_counts(shards: list[str]) -> list[int]:
     """Samples per shard, from their stats files (0 where a shard has none): what training and the annotate progress count."""
-    counts = []
-    for url in shards:
-        try:
-            stats = json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))
-            counts.append(int(stats["ok"]))  # failed inputs have no image in the tar
-        except (OSError, ValueError, KeyError):
-            counts.append(0)
-    return counts
+    from dart_core.data.shard_format import sample_count
+
+    return [sample_count(url) for url in shards]
 
 
 def count_samples(shards_root: str) -> int:

@@ -49,7 +49,7 @@ def s3_server():
                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
         os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
                            "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"})
-        from flows import storage
+        from dart_core import storage
         storage.reset_client()
         yield url
         for k, v in saved.items():
@@ -68,7 +68,7 @@ def s3_bucket(s3_server):
     """A fresh, empty bucket on the moto server."""
     import uuid
 
-    from flows import storage
+    from dart_core import storage
     name = f"b-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
     return name

@@ -97,8 +97,16 @@ def make_folder(root: Path, n_good: int = 12, with_classes: bool = True) -> dict
     return {"ok": ok, "failed": failed, "reasons": reasons, "inputs": len(rows)}
 
 
-def make_openimages(root: Path, version: str = "v6", split: str = "train") -> dict:
-    """Open Images CSVs in the layout of `version` (v4: no header on descriptions, unprefixed)."""
+OI_IDS = ["0000000000000000", "1000000000000001", "7c00000000000002", "a000000000000003",
+          "e000000000000004", "f000000000000005"]  # first hex digits differ: CVDF folders train_0, _1, _7, ...
+
+
+def make_openimages(root: Path, version: str = "v6", split: str = "train", *, labels_in: str = "root",
+                    images: str = "flat") -> dict:
+    """Open Images CSVs in the layout of `version` (v4: no header on descriptions, unprefixed).
+    labels_in="root": ROOT/<labels csv>; "split": ROOT/<split>/<labels csv> (the official URL
+    layout). images="flat": ROOT/<split>/<id>.jpg; "cvdf": ROOT/<split>_<first hex digit>/<id>.jpg
+    (the CVDF tarballs)."""
     root.mkdir(parents=True, exist_ok=True)
     mids = {f"/m/0{i:02d}": f"Thing {i}" for i in range(8)}
     trainable = ["/m/000", "/m/001", "/m/002", "/m/003"]
@@ -110,9 +118,8 @@ def make_openimages(root: Path, version: str = "v6", split: str = "train") -> di
         (root / f"{pre}class-descriptions.csv").write_text("LabelName,DisplayName\n" + desc)
     (root / f"{pre}classes-trainable.txt").write_text("\n".join(trainable) + "\n")
     labels = ["ImageID,Source,LabelName,Confidence"]
-    expect = {}
-    for i in range(6):
-        iid = f"{i:016x}"
+    expect, raw = {}, {}
+    for i, iid in enumerate(OI_IDS):
         lab = {"/m/000": 1, "/m/001": -1}
         if i % 2:
             lab["/m/004"] = 1  # non-trainable, frequent -> unseen
@@ -121,15 +128,45 @@ def make_openimages(root: Path, version: str = "v6", split: str = "train") -> di
         for m, v in lab.items():
             labels.append(f"{iid},verification,{m},{1 if v > 0 else 0}")
         labels.append(f"{iid},verification,/m/007,1")
+        raw[iid] = {**lab, "/m/007": 1}
         # with n_unseen=2 the unseen classes are /m/007 (6 positives) and /m/004 (3); /m/005 is dropped
         expect[iid] = {**{k: v for k, v in lab.items() if k != "/m/005"}, "/m/007": 1}
     labels.append(f"{'a' * 16},verification,/m/999,1"); bad = {"a" * 16: "unknown_class"}
-    labels.append(f"{'b' * 16},verification,/m/000,0.5"); bad["b" * 16] = "malformed_label"
-    (root / f"{pre}{split}-annotations-human-imagelabels.csv").write_text("\n".join(labels) + "\n")
-    (root / split).mkdir(exist_ok=True)
-    for i, iid in enumerate(list(expect) + list(bad)):
-        (root / split / f"{iid}.jpg").write_bytes(jpeg(300, 260, i))
-    return {"ok": expect, "failed": bad, "trainable": trainable}
+    # a malformed confidence: that (image, class) is unknown, the image's other labels stand
+    labels.append(f"{'b' * 16},verification,/m/001,0")
+    labels.append(f"{'b' * 16},verification,/m/000,0.5")
+    expect["b" * 16] = {"/m/001": -1}; raw["b" * 16] = {"/m/001": -1}
+    bad_conf_line = len(labels)
+    labels.append(f"{'c' * 16},verification,/m/000,1"); bad["c" * 16] = "missing_file"  # no image anywhere
+    missing_line = len(labels)
+    name = f"{pre}{split}-annotations-human-imagelabels.csv"
+    labels_dir = root if labels_in == "root" else root / split
+    labels_dir.mkdir(exist_ok=True)
+    (labels_dir / name).write_text("\n".join(labels) + "\n")
+    paths = {}
+    for i, iid in enumerate(list(expect) + ["a" * 16]):
+        d = root / (split if images == "flat" else f"{split}_{iid[0]}")
+        d.mkdir(exist_ok=True)
+        (d / f"{iid}.jpg").write_bytes(jpeg(300, 260, i))
+        paths[iid] = str(d / f"{iid}.jpg")
+    rel = name if labels_in == "root" else f"{split}/{name}"
+    return {"ok": expect, "failed": bad, "trainable": trainable, "labels": rel, "paths": paths, "raw": raw,
+            "bad_conf_line": bad_conf_line, "missing_line": missing_line, "prefix": pre}
+
+
+def write_published_split(root: Path, pool: list[str], rows: list[int], *, as_object: bool = False,
+                          protocol: int = 4, bom: bool = True, crlf: bool = True, csv_text: str | None = None) -> None:
+    """The OV-MLR split as published with LESA/BiAM: `unseen_labels.pkl` (a pickled numpy array
+    of MIDs; 2,594 in the real file) and `top_400_unseen.csv` (row indices, no header; the real
+    file has a UTF-8 BOM and CRLF line ends)."""
+    import pickle
+
+    arr = np.array(pool, dtype=object if as_object else None)
+    (root / "unseen_labels.pkl").write_bytes(pickle.dumps(arr, protocol=protocol))
+    if csv_text is None:
+        nl = "\r\n" if crlf else "\n"
+        csv_text = nl.join(str(r) for r in rows) + nl
+    (root / "top_400_unseen.csv").write_bytes((b"\xef\xbb\xbf" if bom else b"") + csv_text.encode())
 
 
 NUS_TAGS = ["sky", "dog", "sunset", "car", "tree", "beach"]
@@ -137,27 +174,38 @@ NUS_CONCEPTS = ["sky", "dog", "animal"]
 
 
 def make_nuswide(root: Path) -> dict:
-    """NUS-WIDE's published layout (TrainImagelist with Windows paths, Train_Tags1k.dat, GT files)."""
+    """NUS-WIDE's published layout (TrainImagelist with Windows paths, Train_Tags1k.dat, GT files),
+    with one malformed tag cell, one malformed ground-truth cell and one tag row of the wrong width."""
     for d in ("ImageList", "NUS_WID_Tags", "Groundtruth/TrainTestLabels", "Flickr/actor", "Flickr/beach"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "NUS_WID_Tags/TagList1k.txt").write_text("\n".join(NUS_TAGS) + "\n")
     (root / "Concepts81.txt").write_text("\n".join(NUS_CONCEPTS) + "\n")
-    imgs = [("actor", "0001_2124494179"), ("actor", "0002_174174086"), ("beach", "0003_1234"), ("beach", "0004_99")]
+    imgs = [("actor", "0001_2124494179"), ("actor", "0002_174174086"), ("beach", "0003_1234"), ("beach", "0004_99"),
+            ("beach", "0005_77")]
     (root / "ImageList/TrainImagelist.txt").write_text(
         "".join(f"C:\\ImageData\\Flickr\\{d}\\{f}.jpg\n" for d, f in imgs))
-    tag_rows = ["1\t0\t1\t0\t0\t1", "0\t1\t0\t0\t1\t0", "0\t0\t0\t1\t0\t1", "0\t0\t2\t1\t0\t1"]  # last: malformed
+    # row 4: one malformed cell (sunset); row 5: 3 columns instead of 6
+    tag_rows = ["1\t0\t1\t0\t0\t1", "0\t1\t0\t0\t1\t0", "0\t0\t0\t1\t0\t1", "0\t0\t2\t1\t0\t1", "0\t1\t0"]
     (root / "NUS_WID_Tags/Train_Tags1k.dat").write_text("\n".join(tag_rows) + "\n")
-    gt = {"sky": "1\n0\n0\n1\n", "dog": "0\n1\n0\n0\n", "animal": "0\n1\n1\n0\n"}
+    gt = {"sky": "1\n0\n0\n1\n0\n", "dog": "0\n1\n0\n0\n1\n", "animal": "0\nx\n1\n0\n1\n"}  # animal line 2: malformed
     for c, col in gt.items():
         (root / f"Groundtruth/TrainTestLabels/Labels_{c}_Train.txt").write_text(col)
     for i, (d, f) in enumerate(imgs):
         (root / "Flickr" / d / f"{f}.jpg").write_bytes(jpeg(280, 300, i))
     ok = {
         sample_key("actor/0001_2124494179.jpg"): {"sunset": 1, "car": -1, "tree": -1, "beach": 1, "sky": 1, "dog": -1, "animal": -1},
-        sample_key("actor/0002_174174086.jpg"): {"sunset": -1, "car": -1, "tree": 1, "beach": -1, "sky": -1, "dog": 1, "animal": 1},
+        sample_key("actor/0002_174174086.jpg"): {"sunset": -1, "car": -1, "tree": 1, "beach": -1, "sky": -1, "dog": 1},
         sample_key("beach/0003_1234.jpg"): {"sunset": -1, "car": 1, "tree": -1, "beach": 1, "sky": -1, "dog": -1, "animal": 1},
+        sample_key("beach/0004_99.jpg"): {"car": 1, "tree": -1, "beach": 1, "sky": 1, "dog": -1, "animal": -1},
     }
-    return {"ok": ok, "failed": {sample_key("beach/0004_99.jpg"): "malformed_label"}}
+    warnings = [
+        "Groundtruth/TrainTestLabels/Labels_animal_Train.txt:2: 'x' is not 0/1; 'animal' is unknown for image "
+        "'actor/0002_174174086.jpg' (ImageList/TrainImagelist.txt:2)",
+        "NUS_WID_Tags/Train_Tags1k.dat:4: column 3 ('sunset') is '2', not 0/1; 'sunset' is unknown for image "
+        "'beach/0004_99.jpg'",
+    ]
+    return {"ok": ok, "failed": {sample_key("beach/0005_77.jpg"): "malformed_label"}, "warnings": warnings,
+            "files": {sample_key(f"{d}/{f}.jpg"): f"{d}/{f}.jpg" for d, f in imgs}}
 
 
 def make_coco(root: Path, split: str = "val2014") -> dict:

@@ -9,7 +9,7 @@ import json
 import time
 
 
-from dart_core.crg.cache import LocalCache
+from dart_core.crg.cache import StorageCache
 from dart_core.crg.client import LLMClient, RetryPolicy
 from dart_core.crg.embed import hashed_embed
 from dart_core.crg.mine import MiningConfig, estimate_prompt_tokens, mine_llm
@@ -88,7 +88,7 @@ def test_exact_edges_report_and_cache(tmp_path):
     with OpenAIStub() as stub:
         script(stub)
         c = client(stub)
-        crg = mine_llm(vocab(), cfg(), c, LocalCache(tmp_path / "cache"))
+        crg = mine_llm(vocab(), cfg(), c, StorageCache(tmp_path / "cache"))
         check_expected(crg)
         assert stub.chat_calls() == 10 * 3
         # every request carried the key, top_p 0.3 and the full candidate list (seen classes only)
@@ -104,7 +104,7 @@ def test_exact_edges_report_and_cache(tmp_path):
     assert rep["answers_fetched"] == 30 and rep["answers_cached"] == 0
     assert rep["api"]["requests"] == 30 and rep["api"]["retries"] == 0
     # the unparseable answer is cached raw
-    rec = LocalCache(tmp_path / "cache").get(rep["unparseable"][0]["key"])
+    rec = StorageCache(tmp_path / "cache").get(rep["unparseable"][0]["key"])
     assert rec["text"] == DOG_Q3_MALFORMED and rec["query"] == 2 and rec["model"] == "gpt-4o"
     # the key is nowhere in the cache or the graph
     blobs = [p.read_text() for p in (tmp_path / "cache").rglob("*.json")]
@@ -118,7 +118,7 @@ def test_retries_honour_retry_after_and_count(tmp_path):
         stub.faults["car"] = ["429", "500", "slow"]
         stub.faults["road"] = ["badjson"]
         c = client(stub, timeout=0.8)
-        crg = mine_llm(vocab(), cfg(), c, LocalCache(tmp_path / "cache"))
+        crg = mine_llm(vocab(), cfg(), c, StorageCache(tmp_path / "cache"))
         check_expected(crg)
         car = stub.chat_requests("car")
         assert len(car) == 3 + 3  # three queries, three retries
@@ -138,7 +138,7 @@ def test_failures_never_cached_then_resumed(tmp_path):
         stub.faults["wheel"] = ["500"] * 3 + ["503"]  # max_retries=2: 3 attempts fail, the class is incomplete
         stub.faults["road"] = ["400"]  # not retryable
         c = client(stub, max_retries=2)
-        crg = mine_llm(vocab(), cfg(), c, LocalCache(tmp_path / "cache"))
+        crg = mine_llm(vocab(), cfg(), c, StorageCache(tmp_path / "cache"))
         check_expected(crg)
         assert sorted(crg.meta["incomplete"]) == ["road", "wheel"]
         assert len(stub.chat_requests("wheel")) == 3 and len(stub.chat_requests("road")) == 1
@@ -149,7 +149,7 @@ def test_failures_never_cached_then_resumed(tmp_path):
         assert len(list((tmp_path / "cache").rglob("*.json"))) == 30 - 6  # nothing for wheel/road
         # rerun on top of the previous graph: only the incomplete classes are asked again
         stub.reset_log()
-        crg2 = mine_llm(vocab(), cfg(), client(stub), LocalCache(tmp_path / "cache"), existing=crg)
+        crg2 = mine_llm(vocab(), cfg(), client(stub), StorageCache(tmp_path / "cache"), existing=crg)
         assert {r["target"] for r in stub.log} == {"wheel", "road"}
         assert len(stub.chat_requests("wheel")) == 3 + 1  # the leftover 503 is retried once
         assert len(stub.chat_requests("road")) == 3
@@ -160,7 +160,7 @@ def test_failures_never_cached_then_resumed(tmp_path):
 def test_rerun_zero_calls_and_incremental(tmp_path):
     with OpenAIStub() as stub:
         script(stub)
-        cache = LocalCache(tmp_path / "cache")
+        cache = StorageCache(tmp_path / "cache")
         crg = mine_llm(vocab(), cfg(), client(stub), cache)
         assert stub.chat_calls() == 30
         # same inputs, no previous graph: every answer comes from the cache
@@ -190,7 +190,7 @@ def test_batch_mode_same_edges(tmp_path):
         script(stub)
         stub.faults["kennel"] = ["500"]  # fails inside the batch: reported, not cached
         c = client(stub)
-        crg = mine_llm(vocab(), cfg(batch=True), c, LocalCache(tmp_path / "cache"))
+        crg = mine_llm(vocab(), cfg(batch=True), c, StorageCache(tmp_path / "cache"))
         check_expected(crg)
         assert stub.chat_calls() == 0 and stub.batch_lines() == 30
         assert stub.calls("/v1/files") == 1 + 2  # upload; download output + error files
@@ -200,7 +200,7 @@ def test_batch_mode_same_edges(tmp_path):
         assert len(list((tmp_path / "cache").rglob("*.json"))) == 29
         # rerun: only kennel is mined, and only its failed query is asked
         stub.reset_log()
-        crg2 = mine_llm(vocab(), cfg(batch=True), client(stub), LocalCache(tmp_path / "cache"), existing=crg)
+        crg2 = mine_llm(vocab(), cfg(batch=True), client(stub), StorageCache(tmp_path / "cache"), existing=crg)
         assert stub.batch_lines() == 1 and {r["target"] for r in stub.log if r["target"]} == {"kennel"}
         assert crg2.meta["incomplete"] == []
 
@@ -212,7 +212,7 @@ def test_shortlist_candidates_and_token_counts(tmp_path):
         # dog's first answer names "wheel" (not among its 3 nearest): later queries must list it
         stub.answers["dog"] = [answer(("leash", "High"), ("wheel", "Low")), answer(("leash", "High"))]
         conf = cfg(shortlist=3)
-        crg = mine_llm(v, conf, client(stub), LocalCache(tmp_path / "c"), embed_fn=hashed_embed)
+        crg = mine_llm(v, conf, client(stub), StorageCache(tmp_path / "c"), embed_fn=hashed_embed)
         dog = stub.chat_requests("dog")
         assert len(dog[0]["candidates"]) == 3 and "wheel" not in dog[0]["candidates"]
         assert set(dog[1]["candidates"]) == set(dog[0]["candidates"]) | {"wheel", "leash"} - {"dog"}
@@ -232,7 +232,7 @@ def test_shortlist_candidates_and_token_counts(tmp_path):
 
 def test_answer_cache_on_s3(s3_bucket, tmp_path):
     from flows.crg import make_cache
-    from flows import storage
+    from dart_core import storage
 
     url = f"s3://{s3_bucket}/crg-cache"
     with OpenAIStub() as stub:
@@ -252,9 +252,9 @@ def test_batch_with_shortlist_runs_one_round_per_query(tmp_path):
     with OpenAIStub(batch_polls=1) as stub:
         script(stub)
         c = client(stub)
-        crg = mine_llm(vocab(), cfg(batch=True, shortlist=3), c, LocalCache(tmp_path / "c"), embed_fn=hashed_embed)
+        crg = mine_llm(vocab(), cfg(batch=True, shortlist=3), c, StorageCache(tmp_path / "c"), embed_fn=hashed_embed)
         assert c.stats.batches == 3 and stub.batch_lines() == 30 and stub.calls("/v1/batches") >= 3 + 3
-        online = mine_llm(vocab(), cfg(shortlist=3), c, LocalCache(tmp_path / "c"), embed_fn=hashed_embed)
+        online = mine_llm(vocab(), cfg(shortlist=3), c, StorageCache(tmp_path / "c"), embed_fn=hashed_embed)
         assert stub.chat_calls() == 0  # same prompts: the batch answers serve the online run
         assert online.neighbors == crg.neighbors
 
@@ -263,6 +263,6 @@ def test_concurrency_is_bounded(tmp_path):
     with OpenAIStub() as stub:
         script(stub)
         stub.delay = 0.05
-        crg = mine_llm(vocab(), cfg(concurrency=3), client(stub), LocalCache(tmp_path / "c"))
+        crg = mine_llm(vocab(), cfg(concurrency=3), client(stub), StorageCache(tmp_path / "c"))
         assert stub.max_in_flight == 3 and stub.chat_calls() == 30
         check_expected(crg)

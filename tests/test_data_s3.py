@@ -16,7 +16,7 @@ import torch
 from dart_core.data.records import sample_key
 from dart_core.data.reader import list_shards, make_loader
 from dart_core.vocab import Vocabulary
-from flows import storage
+from dart_core import storage
 from flows.refresh import refresh_prefix
 from flows.shard import shard_source
 from tests.data_fixtures import bad_images, jpeg
@@ -57,7 +57,7 @@ def test_s3_source_to_s3_shards_and_reader(s3_bucket):
     names = storage.list_names(f"{out}/train")
     assert names == sorted(f"{i:06d}{s}" for i in range(3) for s in (".parquet", ".tar", "_stats.json"))
     assert storage.read_bytes(f"{out}/classes.csv").decode().splitlines()[1:] == ["cat,cat,seen", "dog,dog,unseen"]
-    shards = list_shards(f"{out}/train")  # lists through `python -m flows.storage ls`
+    shards = list_shards(f"{out}/train")  # lists in-process (dart_core.storage)
     assert shards == [f"{out}/train/{i:06d}.tar" for i in range(3)]
     vocab = Vocabulary.from_names(["cat", "dog"])
     got = {}
@@ -130,3 +130,90 @@ def test_cli_shard_and_refresh_forms(s3_bucket, tmp_path):
         p = _dart(*args)
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+
+
+# ---- the reader over s3:// is in-process; one shard id everywhere --------------------------------
+def zeros(im):  # picklable preprocess (spawned DataLoader workers)
+    return torch.zeros(3, 4, 4)
+
+
+def s3_shards(bucket: str) -> tuple[str, list[str]]:
+    src, out = f"s3://{bucket}/raw", f"s3://{bucket}/shards"
+    keys = upload_folder(src, 9)
+    shard_source(src, "folder", out, shard_size=4, workers=1, progress=False)
+    return f"{out}/train", keys
+
+
+def test_reader_streams_s3_in_process(s3_bucket):
+    import inspect
+
+    import psutil
+
+    import dart_core.data.reader as reader_mod
+
+    src = inspect.getsource(reader_mod)
+    assert "pipe:" not in src and "subprocess" not in src
+    root, keys = s3_shards(s3_bucket)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}  # the moto server
+    vocab = Vocabulary.from_names(["cat", "dog"])
+    got = []
+    for _, _, k in make_loader(list_shards(root), vocab, zeros, 2, train=False, num_workers=0):
+        got += k
+        assert {p.pid for p in me.children(recursive=True)} == before  # no `cat` process per shard
+    assert sorted(got) == sorted(keys)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_loader_workers_over_s3_yield_every_sample_once(s3_bucket, context):
+    from collections import Counter
+
+    root, keys = s3_shards(s3_bucket)
+    vocab = Vocabulary.from_names(["cat", "dog"])
+    pipeline = make_loader(root, vocab, zeros, 2, train=False, num_workers=0)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2, multiprocessing_context=context)
+    seen = Counter(k for _, _, ks in loader for k in ks)
+    assert seen == Counter(keys)  # each sample exactly once across both workers, each with its own client
+
+
+def test_one_shard_id_in_sidecar_stats_and_predictions(s3_bucket, tmp_path):
+    from types import SimpleNamespace
+
+    from dart_core.data.shard_format import shard_id
+    from dart_core.infer import AnnotateConfig, annotate_shard
+    from dart_core.storage import read_parquet_bytes
+
+    class Stub(torch.nn.Module):  # the interface annotate_shard uses, scores all zero
+        backbone = SimpleNamespace(preprocess=zeros)
+
+        def forward(self, images, with_priors=False):
+            b = images.shape[0]
+            return SimpleNamespace(logits=torch.zeros(b, 2), patch_logits=torch.zeros(b, 4, 2),
+                                   topk=torch.zeros(b, 2, 2, dtype=torch.long))
+
+    root, _ = s3_shards(s3_bucket)
+    vocab = Vocabulary.from_names(["cat", "dog"])
+    pred = tmp_path / "pred"
+    for i, url in enumerate(list_shards(root)):
+        sid = shard_id(url)
+        assert sid == f"train-{i:06d}"
+        sidecar = read_parquet_bytes(storage.read_bytes(url[: -len(".tar")] + ".parquet"))
+        assert set(sidecar.column("shard").to_pylist()) == {sid}
+        assert json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))["shard"] == sid
+        stats = annotate_shard(Stub(), vocab, url, pred, AnnotateConfig(batch_size=4, num_workers=0))
+        assert stats["shard"] == sid and stats["images"] > 0
+        assert json.loads((pred / "_done" / f"{sid}.json").read_text())["shard"] == sid
+        assert (pred / "scores" / f"shard={sid}" / "part.parquet").is_file()
+
+
+def test_s3_errors_name_the_url_not_the_credentials(s3_bucket):
+    from dart_core.storage import open_read
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    for call in (lambda: storage.read_bytes(f"s3://{s3_bucket}/nope"), lambda: open_read(f"s3://{s3_bucket}/nope"),
+                 lambda: storage.read_bytes("s3://no-such-bucket-xyz/k"), lambda: storage.list_objects("s3://no-such-bucket-xyz/p")):
+        with pytest.raises(Exception) as e:
+            call()
+        assert secret not in str(e.value) and secret not in repr(e.value.args)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        storage.read_bytes(f"s3://{s3_bucket}/nope")

@@ -265,7 +265,7 @@ def positive_only_folder(root: Path) -> None:
 def test_folder_absent_classes_in_the_shards(tmp_path, absent, expected):
     from typer.testing import CliRunner
 
-    from dart_core.data.reader import labels_tensor
+    from dart_core.data.shard_format import labels_tensor
     from flows.cli import app
 
     expected = {sample_key(path): labels for path, labels in expected.items()}
@@ -316,3 +316,36 @@ def test_shards_that_do_not_record_the_rule_are_not_checked(tmp_path):
     r = shard_source(str(tmp_path / "src"), "folder", str(tmp_path / "out"), workers=1, progress=False,
                      absent="unknown")
     assert (r["skipped"], r["ok"], r["new_shards"], r["absent"]) == (4, 0, [], "unknown")
+
+
+def test_worker_built_tar_members_are_the_bytes_tarfile_writes():
+    """The writer appends members built in the workers (shard_format.tar_member / tar_end); a tar
+    made that way must equal, byte for byte, the one the stdlib tarfile writes for the same members."""
+    import tarfile
+
+    from dart_core.data import shard_format as F
+
+    members = [("k~0123.jpg", b"\xff\xd8" + b"x" * 1000), ("k~0123.json", b'{"id":"k~0123"}'),
+               ("写真_" + "n" * 120 + ".jpg", b"y" * 512)]  # non-ASCII and > 100 characters: PAX records
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tw:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o444, 0
+            tw.addfile(ti, io.BytesIO(data))
+    ours = b"".join(F.tar_member(n, d) for n, d in members)
+    ours += F.tar_end(len(ours))
+    assert ours == ref.getvalue() and len(ours) % tarfile.RECORDSIZE == 0
+    with tarfile.open(fileobj=io.BytesIO(ours)) as tf:
+        assert [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()] == members
+
+
+def test_shard_numbers_stop_at_six_digits():
+    """Shard names have six digits; a seventh would be invisible to every reader (silent loss), so
+    the writer stops with a one-line error instead."""
+    from dart_core.data.shard_writer import ShardWriteError, _next_number
+
+    assert _next_number(iter([999_999])) == 999_999
+    with pytest.raises(ShardWriteError, match="^shard number 1000000 exceeds the format's 1000000 shards per split; "
+                                              "use a larger --shard-size or another --split$"):
+        _next_number(iter([1_000_000]))

@@ -12,11 +12,11 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dart_core.data.store import read_parquet_bytes
+from dart_core.storage import read_parquet_bytes
 
 SCRIPT = """
 import io, pyarrow as pa, pyarrow.parquet as pq
-from dart_core.data.store import read_parquet_bytes
+from dart_core.storage import read_parquet_bytes
 buf = io.BytesIO()
 pq.write_table(pa.table({"key": [f"k{i}" for i in range(2000)], "n": list(range(2000))}), buf)
 t = read_parquet_bytes(buf.getvalue(), columns=["n"])

@@ -1,4 +1,4 @@
-from flows import storage
+from dart_core import storage
 
 
 def test_s3_roundtrip_and_listing(s3_bucket, tmp_path):

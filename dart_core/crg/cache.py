@@ -8,16 +8,17 @@ the API key, the base URL's credentials or anything from the request headers.
 Only successful completions are stored (a 429/5xx/timeout is never cached); an answer that cannot
 be parsed *is* stored, raw, so that it is not bought again and can be inspected.
 
-The storage is pluggable so that dart_core stays free of boto3: `LocalCache(dir)` here, an S3
-one in flows/crg.py built on flows.storage.
+`StorageCache(root)` keeps the records under a local folder or an s3:// prefix (dart_core.storage);
+`MemoryCache` keeps them for one run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Protocol
+
+from dart_core import storage
 
 
 def cache_key(model: str, prompt_sha: str, query_index: int, sampling: dict) -> str:
@@ -35,44 +36,25 @@ def _relpath(key: str) -> str:
     return f"{key[:2]}/{key}.json"  # fan out so a 20k-answer cache is not one huge directory
 
 
-class LocalCache:
+class StorageCache:
+    """Records as `<root>/<k[:2]>/<k>.json`, root a local folder or an s3:// prefix."""
+
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = storage.join(root)
 
     def get(self, key: str) -> dict | None:
-        p = self.root / _relpath(key)
         try:
-            return json.loads(p.read_text(encoding="utf-8"))
+            return json.loads(storage.read_bytes(storage.join(self.root, _relpath(key))).decode("utf-8"))
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a torn write from a killed run: ask again
 
     def put(self, key: str, record: dict) -> None:
-        p = self.root / _relpath(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(p)  # atomic: concurrent readers see the whole record or none
+        # atomic (temp + rename locally, one PUT on S3): concurrent readers see the whole record or none
+        storage.write_bytes(storage.join(self.root, _relpath(key)), json.dumps(record, ensure_ascii=False).encode("utf-8"))
 
 
-class CallbackCache:
-    """A cache over byte get/put callables (used by flows/ for s3:// caches via flows.storage)."""
-
-    def __init__(self, read, write, exists, join, root: str):
-        self._read, self._write, self._exists, self._join, self.root = read, write, exists, join, root
-
-    def get(self, key: str) -> dict | None:
-        url = self._join(self.root, _relpath(key))
-        if not self._exists(url):
-            return None
-        try:
-            return json.loads(self._read(url).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-
-    def put(self, key: str, record: dict) -> None:
-        self._write(self._join(self.root, _relpath(key)), json.dumps(record, ensure_ascii=False).encode("utf-8"))
 
 
 class MemoryCache:

@@ -39,12 +39,15 @@ class CRG:
     # ---- io ---------------------------------------------------------------
     @classmethod
     def read(cls, path: str | Path) -> "CRG":
-        path = Path(path)
+        """A crg.json, local or s3:// (dart_core.storage)."""
+        from dart_core import storage
+
+        path = storage.join(path)
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(storage.read_bytes(path).decode("utf-8"))
         except FileNotFoundError:
             raise CRGError(f"{path}: CRG file not found") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CRGError(f"{path}: not valid JSON ({e})") from None
         for key in ("classes", "neighbors"):
             if key not in doc:
@@ -69,11 +72,10 @@ class CRG:
                 "neighbors": self.neighbors, "scores": self.scores, "meta": self.meta}
 
     def write(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        """Atomically (temp + rename locally; one PUT on s3://)."""
+        from dart_core import storage
+
+        storage.write_bytes(path, json.dumps(self.to_json(), indent=1, ensure_ascii=False).encode("utf-8"))
 
     # ---- graph ------------------------------------------------------------
     def edge_index(self, vocab: Vocabulary) -> torch.Tensor:

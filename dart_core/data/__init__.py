@@ -1,3 +1,3 @@
 """Data plane: source readers (Open Images, NUS-WIDE, COCO, folder), the shard writer and the
-training / inference reader. Plain library: local I/O by default, remote I/O through injected
-file-system objects (see `fs.py`), so no boto3 or prefect import here."""
+training / inference reader. Plain library (no prefect): local paths and s3:// through
+dart_core.storage; the shard format in `shard_format.py`."""

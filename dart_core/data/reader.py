@@ -3,48 +3,26 @@
     list_shards(root) -> complete shards' .tar URLs, sorted
     make_loader(shards, vocab, preprocess, batch_size, *, train, ...) -> yields (images, labels, keys)
 
-s3:// shards are read without importing boto3 here: each URL becomes a webdataset `pipe:` URL
-running `python -m flows.storage cat URL`, which streams the object with the project's S3 client
-(same endpoint / credentials / retries as everything else). Listing an s3:// root runs
-`python -m flows.storage ls URL` the same way, or takes an injected `lister`.
+Local paths and s3:// URLs alike (dart_core.storage): s3:// shards are streamed in-process by
+webdataset through the `s3` scheme dart_core.storage registers (one client per process, so per
+DataLoader worker); the shard format (names, members, decoding) is dart_core.data.shard_format.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import shlex
-import subprocess
-import sys
-from pathlib import Path
 from typing import Callable, Iterable
 
+from dart_core import storage
+from dart_core.data import shard_format as F
 from dart_core.vocab import Vocabulary
-
-_STATS = re.compile(r"^(\d{6})_stats\.json$")
-
-
-def _s3_names(root: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "flows.storage", "ls", root], check=True,
-                         capture_output=True, text=True)
-    return out.stdout.split()
 
 
 def list_shards(root: str, lister: Callable[[str], list[str]] | None = None) -> list[str]:
     """Complete shards (those with a stats file) under `root`, sorted, as .tar paths/URLs.
-    `lister(root)` returns the file names directly under root (default: local dir or s3)."""
+    `lister(root)` returns the file names directly under root (default: storage.list_names)."""
     root = str(root)
-    if lister is not None:
-        names = lister(root)
-    elif root.startswith("s3://"):
-        names = _s3_names(root)
-    else:
-        p = Path(root)
-        names = [q.name for q in p.iterdir() if q.is_file()] if p.is_dir() else []
-    names = set(names)
-    ids = sorted(m.group(1) for n in names if (m := _STATS.match(n)) and f"{m.group(1)}.tar" in names)
-    sep = "" if root.endswith("/") else "/"
-    return [f"{root}{sep}{i}.tar" if "://" in root else str(Path(root, f"{i}.tar")) for i in ids]
+    names = (lister or storage.list_names)(root)
+    return [storage.join(root, n) for n in F.complete_tars(names)]
 
 
 class ShardsError(ValueError):
@@ -52,12 +30,9 @@ class ShardsError(ValueError):
 
 
 def split_folders(root: str) -> list[str]:
-    """Names of the subfolders of a local `root` that hold complete shards: `root` is a
+    """Names of the subfolders of `root` (local or s3://) that hold complete shards: `root` is a
     `dart shard` output (classes.csv + one folder per split), not a folder of shards."""
-    p = Path(root)
-    if root.startswith("s3://") or not p.is_dir():
-        return []
-    return sorted(q.name for q in p.iterdir() if q.is_dir() and list_shards(str(q)))
+    return [d for d in storage.list_dirs(root) if list_shards(storage.join(root, d))]
 
 
 def require_shards(root: str, option: str = "--shards") -> list[str]:
@@ -70,7 +45,7 @@ def require_shards(root: str, option: str = "--shards") -> list[str]:
     if splits:
         pick = "train" if "train" in splits else splits[0]
         raise ShardsError(f"{option} {root} holds no shards; it has splits {', '.join(splits)}: "
-                          f"pass {Path(root, pick)}")
+                          f"pass {storage.join(root, pick)}")
     raise ShardsError(f"{option} {root}: no complete shards there (NNNNNN.tar with its NNNNNN_stats.json)")
 
 
@@ -88,61 +63,25 @@ class _KeyFilter:
 
     def __init__(self, share: float, validation: bool, urls=None):
         self.share, self.validation = share, validation
-        self.urls = None if urls is None else frozenset(to_wds_url(str(u)) for u in urls)
+        self.urls = None if urls is None else frozenset(str(u) for u in urls)
 
     def __call__(self, sample: dict) -> bool:
         held = (self.urls is None or sample.get("__url__") in self.urls) and is_validation(sample["__key__"], self.share)
         return held == self.validation
 
 
-def to_wds_url(url: str) -> str:
-    if url.startswith("s3://"):
-        return f"pipe:{shlex.quote(sys.executable)} -m flows.storage cat {shlex.quote(url)}"
-    return url
-
-
-def labels_tensor(meta: dict, index: dict[str, int], n: int):
-    """json labels {class id: ±1} -> int8 (n,) in vocabulary order; ids outside the vocab ignored."""
-    import torch
-
-    t = torch.zeros(n, dtype=torch.int8)
-    for cid, v in (meta.get("labels") or {}).items():
-        i = index.get(cid)
-        if i is not None:
-            t[i] = 1 if v > 0 else -1 if v < 0 else 0
-    return t
-
-
-class _Sample:
-    """Picklable per-sample transform (DataLoader workers may be spawned)."""
-
-    def __init__(self, vocab: Vocabulary, preprocess):
-        self.index = {cid: i for i, cid in enumerate(vocab.ids)}
-        self.n = len(vocab)
-        self.preprocess = preprocess
-
-    def __call__(self, sample: dict):
-        import io
-
-        from PIL import Image
-
-        with Image.open(io.BytesIO(sample["jpg"])) as im:
-            img = self.preprocess(im.convert("RGB"))
-        meta = json.loads(sample["json"])
-        return img, labels_tensor(meta, self.index, self.n), sample["__key__"]
+def opened_here(src):
+    """Pipeline stage placed before the tar reader: registers the `s3` webdataset scheme in the
+    process that opens the shards (the main one, or a DataLoader worker, forked or spawned)."""
+    storage.register_webdataset()
+    yield from src
 
 
 def _collate(batch):
     import torch
 
-    imgs, labels, keys = zip(*batch)
+    imgs, labels, keys, _ = zip(*batch)
     return torch.stack(list(imgs)), torch.stack(list(labels)), list(keys)
-
-
-def _valid_member(sample: dict) -> bool:
-    # tar member names are validated: a sample needs both parts, and no path in its key
-    key = sample.get("__key__", "")
-    return "jpg" in sample and "json" in sample and "/" not in key and ".." not in key
 
 
 def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train: bool,
@@ -164,18 +103,17 @@ def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train
     import webdataset as wds
 
     urls = list_shards(shards) if isinstance(shards, (str, os.PathLike)) else [str(s) for s in shards]
-    urls = [to_wds_url(u) for u in urls]
     if drop_last is None:
         drop_last = train
     if train:
-        stages = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(), wds.select(_valid_member), wds.shuffle(shuffle_buffer, seed=seed)]
+        stages = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker, opened_here,
+                  wds.tarfile_to_samples(), wds.select(F.valid_member), wds.shuffle(shuffle_buffer, seed=seed)]
     else:
         split = wds.split_by_worker if all_ranks else _split_eval
-        stages = [wds.SimpleShardList(urls), split, wds.tarfile_to_samples(), wds.select(_valid_member)]
+        stages = [wds.SimpleShardList(urls), split, opened_here, wds.tarfile_to_samples(), wds.select(F.valid_member)]
     if holdout is not None and holdout[0] > 0:
         stages.append(wds.select(_KeyFilter(*holdout)))
-    stages += [wds.map(_Sample(vocab, preprocess)),
+    stages += [wds.map(F.SampleDecoder(vocab.ids, preprocess, strict=True)),
                wds.batched(batch_size, collation_fn=_collate, partial=not drop_last)]
     pipeline = wds.DataPipeline(*stages)
     if num_workers == 0:

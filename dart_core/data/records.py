@@ -46,6 +46,7 @@ class SourceData:
     vocab: Vocabulary
     records: Iterable[InputRecord]
     root: str = ""
+    split_rule: str = ""          # one line: how the seen/unseen split was made, with the counts
 
 
 MAX_KEY_LEN = 96

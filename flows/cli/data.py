@@ -44,7 +44,7 @@ def shard(
     from flows.shard import shard_source
 
     r = shard_source(source, format, out, split=split, shard_size=shard_size, mode=mode,
-                     workers=workers, image_size=image_size, absent=absent)
+                     workers=workers, image_size=image_size, absent=absent, log=lambda m: typer.echo(m, err=True))
     if json_out:
         import json
 

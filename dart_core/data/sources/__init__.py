@@ -1,17 +1,17 @@
 """Source readers: each turns a dataset's own published layout into `SourceData`
-(vocabulary + a stream of `InputRecord`s). All file access goes through a `FileSystem`."""
+(vocabulary + a stream of `InputRecord`s). All file access goes through a `Storage`."""
 from __future__ import annotations
 
-from dart_core.data.fs import FileSystem, LocalFS
+from dart_core.storage import Storage
 from dart_core.data.records import SourceData, SourceError
 
 FORMATS = ("openimages", "nuswide", "coco", "folder")
 
 
-def open_source(fmt: str, root: str, *, split: str | None = None, fs: FileSystem | None = None,
+def open_source(fmt: str, root: str, *, split: str | None = None, fs: Storage | None = None,
                 **options) -> SourceData:
     """Read the metadata of `root` in format `fmt`; records are produced lazily where possible."""
-    fs = fs or LocalFS()
+    fs = fs or Storage()
     if fmt == "folder":
         from dart_core.data.sources.folder import read_folder
         return read_folder(root, fs=fs, split=split or "train", **options)

@@ -5,14 +5,17 @@ Vocabulary: the 65 classes of the 48 seen / 17 unseen zero-shot split (Bansal et
 id as a string. COCO is exhaustively annotated for its categories, so every vocabulary class an
 image has no instance of is a negative (-1). Instances of the 15 categories outside the split are
 ignored; an annotation whose category_id is not in the file's `categories` is an unknown class id
-(the image becomes a failed row)."""
+(the image becomes a failed row).
+
+`source.file` is the image's `file_name` (relative to `<root>/<split>/`; the sample key is made
+from it)."""
 from __future__ import annotations
 
 import json
 from importlib import resources
 
 from dart_core.data import records as R
-from dart_core.data.fs import FileSystem, LocalFS
+from dart_core.storage import Storage
 from dart_core.data.records import InputRecord, SourceData, SourceError, sample_key
 from dart_core.data.sources._util import read_text
 from dart_core.vocab import Vocabulary
@@ -23,17 +26,38 @@ def zeroshot_split() -> tuple[list[str], list[str]]:
     return data["seen"], data["unseen"]
 
 
-def read_coco(root: str, *, fs: FileSystem | None = None, split: str | None = None,
+INSTANCES = "annotations/instances_{split}.json"
+
+
+def available_splits(fs: Storage, root: str) -> list[str]:
+    """The <split>s of the `annotations/instances_<split>.json` files under `root`, sorted."""
+    try:
+        names = fs.list(fs.join(root, "annotations"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n[len("instances_"):-len(".json")] for n in names
+                  if "/" not in n and n.startswith("instances_") and n.endswith(".json") and len(n) > 15)
+
+
+def read_coco(root: str, *, fs: Storage | None = None, split: str | None = None,
               images: str | None = None) -> SourceData:
-    fs = fs or LocalFS()
+    fs = fs or Storage()
     if split is None:
-        candidates = [s for s in ("train2017", "val2017", "train2014", "val2014") if fs.exists(fs.join(root, "annotations", f"instances_{s}.json"))]
-        if len(candidates) != 1:
-            raise SourceError(f"{root}: pass --split (found instances files for {candidates or 'none'})")
+        candidates = available_splits(fs, root)
+        if not candidates:
+            raise SourceError(f"{root}: no COCO {INSTANCES} found (pass the folder that holds annotations/ "
+                              "and the image folders)")
+        if len(candidates) > 1:
+            raise SourceError(f"{root}: pass --split: found {INSTANCES} for {', '.join(candidates)}")
         split = candidates[0]
     ann_url = fs.join(root, "annotations", f"instances_{split}.json")
+    if not fs.exists(ann_url):
+        avail = available_splits(fs, root)
+        there = f"available splits: {', '.join(avail)}" if avail else f"no {INSTANCES} in {root}"
+        raise SourceError(f"{ann_url}: not found; {there}")
+    text = read_text(fs, ann_url, "COCO instances file")
     try:
-        data = json.loads(read_text(fs, ann_url, "COCO instances file"))
+        data = json.loads(text)
         cats = {int(c["id"]): c["name"] for c in data["categories"]}
         images_meta = data["images"]
         anns = data.get("annotations", [])
@@ -61,7 +85,10 @@ def read_coco(root: str, *, fs: FileSystem | None = None, split: str | None = No
             per_image.setdefault(img, set()).add(cat)
     img_root = images or fs.join(root, split)
     vocab_set = set(vocab_cats)
-    return SourceData("coco", split, vocab, _records(images_meta, per_image, bad, vocab_set, img_root, fs, split, ann_url), root)
+    src = SourceData("coco", split, vocab, _records(images_meta, per_image, bad, vocab_set, img_root, fs, split, ann_url), root)
+    src.split_rule = (f"seen = {len(seen)}, unseen = {len(unseen)} categories: the zero-shot split of Bansal et al. "
+                      "2018 (coco_zeroshot.json); the file's other categories are ignored")
+    return src
 
 
 def _records(images_meta, per_image, bad, vocab_set, img_root, fs, split, where):
@@ -74,7 +101,7 @@ def _records(images_meta, per_image, bad, vocab_set, img_root, fs, split, where)
                               (R.MALFORMED_ROW, f"{where}: images[{i}] lacks id/file_name"))
             continue
         key = sample_key(fname)
-        src = {"dataset": "coco", "split": split, "image_id": img_id, "file_name": fname}
+        src = {"dataset": "coco", "split": split, "image_id": img_id, "file": fname}
         path = resolve_inside(img_root, fname)
         if path is None:
             yield InputRecord(key, fname, {}, src, (R.PATH_ESCAPES_SOURCE, f"{where}: file_name {fname!r} escapes {img_root}"))

@@ -8,14 +8,18 @@ unknown for one image either way: `cat|?dog` = cat positive, dog unknown, every 
 
 Without classes.csv the vocabulary is every label id found, sorted, all `seen`, names = ids.
 With it, a label id missing from classes.csv makes that row a failed row (unknown_class).
-Only images listed in labels.csv are inputs; other files in the folder are ignored."""
+Only images listed in labels.csv are inputs; other files in the folder are ignored.
+
+Sample key = `records.sample_key` of the normalised relative path (distinct paths, distinct keys,
+whatever characters they hold); `source.file` is the path exactly as labels.csv gives it."""
 from __future__ import annotations
 
+import functools
+import os
 import posixpath
-from pathlib import Path
 
 from dart_core.data import records as R
-from dart_core.data.fs import FileSystem, LocalFS, is_remote
+from dart_core.storage import Storage, is_s3
 from dart_core.data.records import InputRecord, SourceData, SourceError, sample_key
 from dart_core.data.sources._util import csv_rows, read_text
 from dart_core.vocab import Vocabulary, VocabularyError
@@ -62,28 +66,32 @@ def resolve_inside(root: str, rel: str) -> str | None:
     norm = posixpath.normpath(rel)
     if norm == ".." or norm.startswith("../") or norm == ".":
         return None
-    if is_remote(root):
+    if is_s3(root):
         return root.rstrip("/") + "/" + norm
-    base = Path(root).resolve()
-    full = (base / norm)
-    try:
-        if not full.resolve().is_relative_to(base):
-            return None
-    except OSError:
-        return None
-    return str(full)
+    base = _real_dir(root)
+    full = os.path.join(base, norm)
+    parent, name = os.path.split(full)
+    real = os.path.join(_real_dir(parent), name)  # folders resolved once each, not once per image
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    return full if real == base or real.startswith(base.rstrip(os.sep) + os.sep) else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def key_for(rel: str) -> str:
     return sample_key(posixpath.normpath(rel.replace("\\", "/")))
 
 
-def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train",
+def read_folder(root: str, *, fs: Storage | None = None, split: str = "train",
                 labels_file: str = "labels.csv", classes_file: str = "classes.csv",
                 absent: str = "negative") -> SourceData:
     if absent not in ABSENT:
         raise SourceError(f"--absent {absent!r}: must be one of {'|'.join(ABSENT)}")
-    fs = fs or LocalFS()
+    fs = fs or Storage()
     labels_url = fs.join(root, labels_file)
     classes_url = fs.join(root, classes_file)
     rows = csv_rows(read_text(fs, labels_url, "labels file (path,labels)"))
@@ -112,18 +120,24 @@ def read_folder(root: str, *, fs: FileSystem | None = None, split: str = "train"
             continue
         found.update(labels)
         parsed.append((where, rel, labels, None))
+    vocab_from_file = vocab is not None
     if vocab is None:
         if not found:
             raise SourceError(f"{labels_url}: no labels and no {classes_file}; cannot build a vocabulary")
         vocab = Vocabulary.from_names(sorted(found))
-    return SourceData("folder", split, vocab, _records(root, parsed, vocab.ids, absent), root)
+    src = SourceData("folder", split, vocab, _records(root, parsed, vocab.ids, absent), root)
+    n_unseen = sum(s == "unseen" for s in vocab.splits)
+    src.split_rule = (f"seen = {len(vocab) - n_unseen}, unseen = {n_unseen} classes: "
+                      + (f"the split column of {classes_file}" if vocab_from_file else
+                         f"every label of {labels_file}, all seen (no {classes_file})"))
+    return src
 
 
 def _records(root: str, parsed, class_ids, absent: str):
     known = set(class_ids)
     for where, rel, labels, err in parsed:
         key = key_for(rel) if rel else sample_key(where)
-        src = {"dataset": "folder", "row": where, "path": rel}
+        src = {"dataset": "folder", "row": where, "file": rel}
         if err is not None:
             yield InputRecord(key, rel, {}, src, err)
             continue
