@@ -2,9 +2,17 @@
 
 Every value from the command line reaches SQL as a bound variable (SET VARIABLE name = ?),
 never as text pasted into a query.
+
+PRED may be a local folder or an s3:// prefix. DuckDB reads s3:// only through its `httpfs`
+extension, which it downloads at run time, so `connect` does not use it: it mirrors the finished
+shards of an s3:// PRED (the objects named by their done markers, plus vocab/) into a local cache
+through dart_core.storage (boto3: the usual AWS environment, AWS_ENDPOINT_URL(_S3) for MinIO),
+fetching only objects whose ETag changed, and runs the same views over the mirror
+(docs/annotate.md: why, and the figures).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import duckdb
@@ -17,14 +25,92 @@ class PredictionsError(ValueError):
 
 
 def connect(pred_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    pred_dir = Path(pred_dir)
-    for name in ("scores", "labels", "tags", "errors", "vocab"):
-        if not (pred_dir / name).is_dir():
-            raise PredictionsError(f"{pred_dir} is not a prediction folder: {name}/ is missing")
+    """A DuckDB connection with the views of sql/views.sql over PRED (local folder or s3://):
+    scores, tags, labels, errors (finished shards only), vocab, scores_long, ranked, judged."""
+    from dart_core import storage
+
+    if storage.is_s3(pred_dir):
+        local = mirror(str(pred_dir))
+    else:
+        local = Path(pred_dir)
+        for name in ("scores", "labels", "tags", "errors", "vocab"):
+            if not (local / name).is_dir():
+                raise PredictionsError(f"{pred_dir} is not a prediction folder: {name}/ is missing")
+    if not any(local.glob("_done/*.json")):
+        raise PredictionsError(f"{pred_dir} has no finished shard yet (no _done/ marker): nothing to read")
     con = duckdb.connect()
-    set_vars(con, pred=str(pred_dir.resolve()))
+    set_vars(con, pred=str(local.resolve()))
     con.execute(sqlfiles.load("views"))
     return con
+
+
+def cache_dir(pred_url: str) -> Path:
+    """The local mirror of an s3:// PRED: $DART_CACHE_DIR (default ~/.cache/dart)/pred/<hash of the URL>."""
+    import hashlib
+
+    root = Path(os.environ.get("DART_CACHE_DIR") or Path.home() / ".cache" / "dart")
+    return root / "pred" / hashlib.sha256(pred_url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def mirror(pred_url: str) -> Path:
+    """Bring the local mirror of an s3:// PRED up to date and return it: one listing of PRED, then
+    (in parallel) every object of a finished shard, its done marker, vocab/ and run.json whose ETag
+    differs from the mirror's copy; files no longer wanted are removed. A shard without a done
+    marker is not fetched (it is being written, or its run stopped)."""
+    import fcntl
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dart_core import storage
+    from dart_core.infer import TABLES
+
+    root = cache_dir(pred_url)
+    root.mkdir(parents=True, exist_ok=True)
+    # listed in key order: _done/ before the tables, so a marker seen here has its parts listed too
+    objects = {o.key: o for o in storage.list_objects(pred_url)}
+    if "vocab/vocab.parquet" not in objects:
+        raise PredictionsError(f"{pred_url} is not a prediction folder: vocab/vocab.parquet is missing")
+    done = [k[len("_done/"):-len(".json")] for k in objects
+            if k.startswith("_done/") and k.endswith(".json") and k.count("/") == 1]
+    want = [k for k in ("vocab/vocab.parquet", "run.json") if k in objects] + [f"_done/{s}.json" for s in done]
+    want += [k for t in TABLES for s in done if (k := f"{t}/shard={s}/part.parquet") in objects]
+    with open(root / ".lock", "a+") as lock:  # one sync of this mirror at a time (processes on this machine)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest_file = root / ".etags.json"
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (FileNotFoundError, ValueError):
+            manifest = {}
+
+        def fetch(key: str) -> None:
+            local = root / key
+            if manifest.get(key) == objects[key].etag and local.is_file():
+                return
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.part")
+            try:
+                storage.download_file(objects[key].url, tmp)
+            except FileNotFoundError:
+                raise PredictionsError(f"{objects[key].url} disappeared while reading {pred_url} "
+                                       "(a `--mode overwrite` run?); try again") from None
+            tmp.replace(local)
+
+        threads = int(os.environ.get("DART_S3_READ_THREADS", "16"))
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(fetch, want))
+        keep = set(want)
+        for p in sorted(root.rglob("*"), reverse=True):  # files first, then the folders they leave empty
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and rel not in keep and rel not in (".lock", ".etags.json"):
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        for name in ("scores", "labels", "tags", "errors", "vocab", "_done"):
+            (root / name).mkdir(exist_ok=True)  # a PRED with no finished shard has empty tables
+        tmp = manifest_file.with_name(".etags.json.tmp")
+        tmp.write_text(json.dumps({k: objects[k].etag for k in want}))
+        tmp.replace(manifest_file)
+    return root
 
 
 def set_vars(con: duckdb.DuckDBPyConnection, **values) -> None:
@@ -106,17 +192,22 @@ def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
     import json
 
     from dart_core.data.shard_format import shard_id
-    from dart_core.infer import done_marker
+    from dart_core.infer import done_shards
 
-    pred_dir = Path(pred_dir)
+    from dart_core import storage
+
     out = []
-    run_file = pred_dir / "run.json"
-    if not run_file.is_file():
+    run_file = storage.join(pred_dir, "run.json")
+    try:
+        run_doc = json.loads(storage.read_bytes(run_file))
+    except FileNotFoundError:
+        run_doc = None
+    if run_doc is None:
         out.append(f"{run_file} is missing: cannot tell whether every shard of the run was annotated")
     else:
-        wanted = [shard_id(u) for u in json.loads(run_file.read_text()).get("shards", [])]
-        missing = [s for s in wanted if not (done_marker(pred_dir, s).is_file()
-                                             and (pred_dir / "scores" / f"shard={s}").is_dir())]
+        wanted = [shard_id(u) for u in run_doc.get("shards", [])]
+        finished = set(done_shards(pred_dir))  # the views count these shards only
+        missing = [s for s in wanted if s not in finished]
         if missing:
             out.append(f"{pred_dir}: {len(wanted) - len(missing)} of {len(wanted)} shards of the run are finished; "
                        f"not finished: {_names(missing)}; the numbers do not cover the whole run "

@@ -148,6 +148,7 @@ def move_file(local: str | os.PathLike, url: str | os.PathLike) -> None:
     is on the same local file system, else an upload (or a copy) then an unlink."""
     if not is_s3(url):
         try:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
             os.replace(local, url)
             return
         except OSError:  # another file system: copy to a temp name there, then rename

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 
@@ -25,17 +24,21 @@ def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None =
 def write_eval(res: dict, json_out: str) -> None:
     """JSON at `json_out` and the same table as CSV beside it (percent, as the paper's tables)."""
     import csv
+    import io
 
-    p = Path(json_out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(res, indent=1))
+    from dart_core import storage
+
+    storage.write_bytes(json_out, json.dumps(res, indent=1).encode())  # local or s3://
     cols = sorted({k for row in res.values() for k in row})
-    with p.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["setting"] + cols)
-        for setting, row in res.items():
-            w.writerow([setting] + ["" if c not in row else round(100 * row[c], 4) if c == "mAP" or "@" in c
-                                    else row[c] for c in cols])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["setting"] + cols)
+    for setting, row in res.items():
+        w.writerow([setting] + ["" if c not in row else round(100 * row[c], 4) if c == "mAP" or "@" in c
+                                else row[c] for c in cols])
+    head, _, name = str(json_out).rpartition("/")
+    csv_name = (name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name) + ".csv"  # Path.with_suffix
+    storage.write_bytes(f"{head}/{csv_name}" if head else csv_name, f.getvalue().encode())
 
 
 @flow(name="audit")
@@ -45,7 +48,9 @@ def audit_flow(pred: str, out: str, top: int = 3, limit: int = 50) -> str:
     from dart_core.infer import read_shard_image
     from dart_core.report import write_report
 
-    run = json.loads(Path(pred, "run.json").read_text())
+    from dart_core import storage
+
+    run = json.loads(storage.read_bytes(storage.join(pred, "run.json")))  # local or s3://
     by_id = {shard_id(url): url for url in run.get("shards", [])}
     result = audit(pred, top=top, limit=limit)
 

@@ -1,13 +1,23 @@
 -- Views over one prediction folder. The folder is bound, never pasted:  SET VARIABLE pred = ?
--- Tables are hive-partitioned by shard (…/scores/shard=val-000000/part.parquet).
+-- (a local folder, or s3://bucket/prefix with DuckDB's httpfs loaded; dart_core.evaluate.connect
+-- reads s3:// without httpfs through a local mirror of the finished shards).
+-- Tables are hive-partitioned by shard (…/scores/shard=val-000000/part.parquet). Only shards with a
+-- done marker (PRED/_done/<shard>.json, written after all their tables) count: a shard whose run
+-- stopped half-way is not seen until a rerun finishes it.
+CREATE OR REPLACE VIEW done AS
+    SELECT regexp_extract(file, '([^/]+)\.json$', 1) AS shard FROM glob(getvariable('pred') || '/_done/*.json');
 CREATE OR REPLACE VIEW scores AS
-    SELECT * FROM read_parquet(getvariable('pred') || '/scores/*/*.parquet', hive_partitioning = true);
+    SELECT * FROM read_parquet(getvariable('pred') || '/scores/*/*.parquet', hive_partitioning = true)
+    WHERE shard IN (SELECT shard FROM done);
 CREATE OR REPLACE VIEW tags AS
-    SELECT * FROM read_parquet(getvariable('pred') || '/tags/*/*.parquet', hive_partitioning = true);
+    SELECT * FROM read_parquet(getvariable('pred') || '/tags/*/*.parquet', hive_partitioning = true)
+    WHERE shard IN (SELECT shard FROM done);
 CREATE OR REPLACE VIEW labels AS
-    SELECT * FROM read_parquet(getvariable('pred') || '/labels/*/*.parquet', hive_partitioning = true);
+    SELECT * FROM read_parquet(getvariable('pred') || '/labels/*/*.parquet', hive_partitioning = true)
+    WHERE shard IN (SELECT shard FROM done);
 CREATE OR REPLACE VIEW errors AS
-    SELECT * FROM read_parquet(getvariable('pred') || '/errors/*/*.parquet', hive_partitioning = true);
+    SELECT * FROM read_parquet(getvariable('pred') || '/errors/*/*.parquet', hive_partitioning = true)
+    WHERE shard IN (SELECT shard FROM done);
 CREATE OR REPLACE VIEW vocab AS
     SELECT * FROM read_parquet(getvariable('pred') || '/vocab/vocab.parquet');
 

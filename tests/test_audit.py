@@ -44,6 +44,8 @@ def write_predictions(pred: Path, vocab: Vocabulary, scores: dict, labels: dict)
         p = pred / name / f"shard={shard}" / "part.parquet"
         p.parent.mkdir(parents=True)
         pq.write_table(pa.Table.from_pydict(rows[name], schema=SCHEMAS[name]), p)
+    (pred / "_done").mkdir()  # the shard is finished: readers count only shards with a done marker
+    (pred / "_done" / f"{shard}.json").write_text(json.dumps({"shard": shard, "images": len(scores)}))
     (pred / "vocab").mkdir()
     pq.write_table(vocab_table(vocab, None), pred / "vocab" / "vocab.parquet")
 

@@ -31,7 +31,7 @@ def annotate(
     checkpoint: str = typer.Option(..., help="model.pt from `dart train`."),
     shards: str = typer.Option(..., help="Shard folder (split subfolders included) or a .tar."),
     classes: str = typer.Option(..., help="classes.csv: may add classes never trained on."),
-    out: str = typer.Option(..., help="Prediction folder (scores/, tags/, labels/, errors/, vocab/, run.json)."),
+    out: str = typer.Option(..., help="Prediction folder or s3://bucket/prefix (scores/, tags/, labels/, errors/, vocab/, run.json)."),
     crg: Optional[str] = typer.Option(None, help="crg.json; classes it lacks get edges (LLM if configured, else similarity)."),
     task_runner: Literal["threads", "dask", "ray"] = typer.Option("threads", help="Where shard tasks run."),
     dask_address: Optional[str] = typer.Option(None, help="Scheduler address for dask/ray (default: a local cluster)."),
@@ -57,7 +57,7 @@ def annotate(
 
 @app.command(name="eval")
 def eval_(
-    pred: str = typer.Argument(..., help="Prediction folder."),
+    pred: str = typer.Argument(..., help="Prediction folder or s3://bucket/prefix."),
     k: List[int] = typer.Option([3, 5], "--k", min=1, help="K for P/R/F1@K (repeat: --k 3 --k 5)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON (+ CSV beside it)."),
     legacy: bool = typer.Option(False, help="Count classes without positives as AP 0 (older papers)."),
@@ -79,7 +79,7 @@ def eval_(
 
 @app.command()
 def audit(
-    pred: str = typer.Argument(..., help="Prediction folder."),
+    pred: str = typer.Argument(..., help="Prediction folder or s3://bucket/prefix."),
     out: str = typer.Option(..., help="Report folder (index.html + thumbnails)."),
     top: int = typer.Option(3, min=1, help="A class is 'predicted' when in the image's top-TOP."),
     limit: int = typer.Option(50, min=1, help="Rows per list."),
@@ -93,11 +93,14 @@ def audit(
 
 @app.command()
 def calibrate(
-    pred: str = typer.Argument(..., help="Predictions on a labelled split."),
-    out: str = typer.Option(..., help="thresholds.csv to write (put it beside classes.csv to use it by default)."),
+    pred: str = typer.Argument(..., help="Predictions on a labelled split (folder or s3://bucket/prefix)."),
+    out: str = typer.Option(..., help="thresholds.csv to write, local or s3:// (put it beside classes.csv to use it by default)."),
 ) -> None:
     """Per-class decision thresholds maximising each class's F1 on a labelled split."""
     import csv
+    import io
+
+    from dart_core import storage
 
     import numpy as np
 
@@ -115,9 +118,10 @@ def calibrate(
         if (shard, image_id) in index and cid in col:
             Y[index[(shard, image_id)], col[cid]] = label
     th, f1 = calibrate_thresholds(S, Y)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class_id", "threshold", "f1"])
-        for cid, t, b in zip(ids, th, f1):
-            w.writerow([cid, "" if np.isnan(t) else f"{t:.6g}", "" if np.isnan(b) else f"{b:.4f}"])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["class_id", "threshold", "f1"])
+    for cid, t, b in zip(ids, th, f1):
+        w.writerow([cid, "" if np.isnan(t) else f"{t:.6g}", "" if np.isnan(b) else f"{b:.4f}"])
+    storage.write_bytes(out, f.getvalue().encode())  # local (atomic) or s3://
     typer.echo(f"thresholds for {int((~np.isnan(th)).sum())} of {len(ids)} classes -> {out}")
