@@ -2,7 +2,7 @@
 
 One task per shard (the shard is read whole by that task), on a task runner chosen by a
 parameter: `threads` (default, ThreadPoolTaskRunner), `dask` (prefect-dask: a LocalCluster, or any
-`distributed` scheduler given by `dask_address`), `ray` (prefect-ray, when installed). Tasks get
+`distributed` scheduler given by `dask_address`), `ray` (prefect-ray). Tasks get
 paths and return small stats dicts; the model is loaded once per worker process and reused.
 
 GPU placement: run one task per GPU — a Dask cluster with one single-threaded worker per GPU
@@ -26,15 +26,30 @@ _models: dict = {}
 _models_lock = threading.Lock()
 
 
+def _content_key(url: str | None) -> tuple | None:
+    """What a cached model depends on in a file: its path and its bytes' hash (a small file: the
+    vocabulary, the CRG; local or s3://)."""
+    import hashlib
+
+    return None if url is None else (str(url), hashlib.sha256(storage.read_bytes(url)).hexdigest())
+
+
 def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, device: str, mm_candidates: int):
-    """(model, vocab) for this process, loaded once per (checkpoint, vocabulary, CRG, device)."""
+    """(model, vocab) for this process: loaded by the first shard task, reused by the next ones
+    (threads of this process, or the tasks a long-lived Dask worker runs, run after run). Keyed by
+    the files' contents, not only their paths: a checkpoint, vocabulary or CRG rewritten in place
+    is loaded anew. One model is kept: a worker that moves to another model frees the last one."""
+    from dart_core.backbone import file_sha256
     from dart_core.checkpoint import check_vocabulary, load_model, read_checkpoint
     from dart_core.crg.graph import CRG
     from dart_core.vocab import Vocabulary
 
-    key = (checkpoint, classes_csv, crg, device, mm_candidates)
+    # file_sha256 is memoised per (path, size, mtime): the checkpoint is hashed once per version
+    ck = file_sha256(checkpoint) if Path(checkpoint).is_file() else None  # (missing: read_checkpoint says so)
+    key = (checkpoint, ck, _content_key(classes_csv), _content_key(crg), device, mm_candidates)
     with _models_lock:
         if key not in _models:
+            _models.clear()
             vocab = Vocabulary.read_csv(classes_csv)
             doc = read_checkpoint(checkpoint)
             check_vocabulary(doc, vocab, checkpoint)
@@ -145,8 +160,7 @@ def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: 
     new = [cid for cid in vocab.ids if cid not in known]
     if not new:
         return crg
-    out = str(Path(pred_dir) / "crg.json")
-    Path(pred_dir).mkdir(parents=True, exist_ok=True)
+    out = storage.join(pred_dir, "crg.json")  # a local path or an s3:// URL (CRG.write/read use storage)
     from flows.crg import MineOptions, endpoint_configured, resolve_api_key, run_mining
 
     if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)):
@@ -191,8 +205,10 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
         if crg:
             crg = add_new_classes_to_crg(crg, classes_csv, out, doc["backbone"]["name"],
                                          doc["backbone"]["pretrained"], logger.info)
-        if thresholds_csv is None and Path(classes_csv).with_name("thresholds.csv").exists():
-            thresholds_csv = str(Path(classes_csv).with_name("thresholds.csv"))
+        beside = storage.join(str(classes_csv).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes_csv) else ".",
+                              "thresholds.csv")
+        if thresholds_csv is None and storage.exists(beside):
+            thresholds_csv = beside
         from dart_core.infer import read_thresholds
 
         th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
@@ -215,6 +231,7 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
         summary = {"shards": len(stats), "images": sum(s["images"] for s in stats),
                    "errors": sum(s["errors"] for s in stats), "skipped": sum(1 for s in stats if s.get("skipped")),
                    "out": str(out)}
-        Path(out, "summary.json").write_text(json.dumps({"summary": summary, "shards": stats}, indent=1))
+        storage.write_bytes(storage.join(out, "summary.json"),
+                            json.dumps({"summary": summary, "shards": stats}, indent=1).encode())
         logger.info(f"annotated {summary}")
         return summary
