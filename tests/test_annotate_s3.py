@@ -52,11 +52,12 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def runs(world, bucket, tmp_path_factory, s3_server):
-    """Where the same run goes: a local folder and s3://BUCKET/runs/pred (annotated by the first test)."""
+def runs(world, bucket, tmp_path_factory, s3_server, prefect_harness):
+    """The same run annotated twice, to a local folder and to s3://BUCKET/runs/pred, with the
+    flow's summaries: every test of this module reads one or both."""
     local = tmp_path_factory.mktemp("pred_local") / "pred"
     s3 = f"s3://{bucket}/runs/pred"
-    return {"local": local, "s3": s3}
+    return {"local": local, "s3": s3, "summary_local": annotate(world, local), "summary_s3": annotate(world, s3)}
 
 
 def test_annotate_to_s3_then_dart_eval_equals_local(world, runs, prefect_harness, tmp_path):
@@ -65,8 +66,7 @@ def test_annotate_to_s3_then_dart_eval_equals_local(world, runs, prefect_harness
 
     from tests.conftest import every_page
 
-    s_local = annotate(world, runs["local"])
-    s_s3 = annotate(world, runs["s3"])
+    s_local, s_s3 = runs["summary_local"], runs["summary_s3"]
     assert {k: v for k, v in s_s3.items() if k != "out"} == {k: v for k, v in s_local.items() if k != "out"}
     assert s_s3 == {"shards": 4, "images": 24, "errors": 1, "skipped": 0, "out": runs["s3"]}
     keys = [o.key for o in storage.list_objects(runs["s3"])]
@@ -98,8 +98,6 @@ def test_annotate_to_s3_then_dart_eval_equals_local(world, runs, prefect_harness
 def test_eval_reads_s3_without_httpfs_and_only_finished_shards(world, runs, tmp_path, monkeypatch):
     from dart_core.evaluate import connect, evaluate
 
-    if not storage.exists(f"{runs['s3']}/run.json"):
-        pytest.skip("needs the run of test_annotate_to_s3_then_dart_eval_equals_local")
     monkeypatch.setenv("DART_CACHE_DIR", str(tmp_path / "cache"))
     assert evaluate(runs["s3"], ks=(1, 3)) == evaluate(runs["local"], ks=(1, 3))
     con = connect(runs["s3"])
@@ -112,8 +110,6 @@ def test_crash_then_rerun_leaves_exactly_one_row_per_sample(world, runs, bucket,
                                                             monkeypatch):
     from dart_core.evaluate import connect
 
-    if not storage.exists(f"{runs['s3']}/run.json"):
-        pytest.skip("needs the run of test_annotate_to_s3_then_dart_eval_equals_local")
     monkeypatch.setenv("DART_CACHE_DIR", str(tmp_path / "cache"))
     pred = f"s3://{bucket}/crash/pred"
     copy_prefix(runs["s3"], pred)
@@ -163,8 +159,6 @@ def test_calibrate_and_audit_on_s3(world, runs, prefect_harness, tmp_path, monke
     from flows.cli import app
     from flows.evaluate import audit_flow
 
-    if not storage.exists(f"{runs['s3']}/run.json"):
-        pytest.skip("needs the run of test_annotate_to_s3_then_dart_eval_equals_local")
     monkeypatch.setenv("DART_CACHE_DIR", str(tmp_path / "cache"))
     th_s3, th_local = f"{runs['s3'].rsplit('/', 1)[0]}/thresholds.csv", tmp_path / "thresholds.csv"
     for pred, out in ((runs["s3"], th_s3), (str(runs["local"]), str(th_local))):

@@ -29,6 +29,13 @@ def _by_key(src):
     return {r.key: r for r in src.records}
 
 
+def source_error(*args, **kw) -> str:
+    """The one-line message of the SourceError that open_source(*args, **kw) raises."""
+    with pytest.raises(SourceError) as e:
+        open_source(*args, **kw)
+    return str(e.value)
+
+
 def _warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
@@ -138,9 +145,7 @@ def test_unseen_pickle_refuses_code_without_running_it(tmp_path):
     evil = np.array([_RunsCode(os.system, f"touch {marker}")], dtype=object)
     (tmp_path / "unseen_labels.pkl").write_bytes(pickle.dumps(evil))
     pkl = tmp_path / "unseen_labels.pkl"
-    with pytest.raises(SourceError) as e:
-        open_source("openimages", str(tmp_path))
-    assert str(e.value) == (f"{pkl}: refused to unpickle {os.system.__module__}.system: only a numpy array or list "
+    assert source_error("openimages", str(tmp_path)) == (f"{pkl}: refused to unpickle {os.system.__module__}.system: only a numpy array or list "
                             "of MID strings is read from this file")
     assert not marker.exists()
     with pytest.raises(SourceError, match=r"^x\.pkl: refused to unpickle builtins\.exec: "):
@@ -176,18 +181,14 @@ def test_unseen_pickle_truncated():
 def test_top_unseen_csv_bad_lines(tmp_path, csv_text, message):
     make_openimages(tmp_path, "v6")
     write_published_split(tmp_path, POOL, [], csv_text=csv_text)
-    with pytest.raises(SourceError) as e:
-        open_source("openimages", str(tmp_path))
-    assert str(e.value) == message.format(csv=tmp_path / "top_400_unseen.csv")
+    assert source_error("openimages", str(tmp_path)) == message.format(csv=tmp_path / "top_400_unseen.csv")
 
 
 def test_published_split_needs_both_files(tmp_path):
     make_openimages(tmp_path, "v6")
     write_published_split(tmp_path, POOL, [3, 0])
     (tmp_path / "unseen_labels.pkl").unlink()
-    with pytest.raises(SourceError) as e:
-        open_source("openimages", str(tmp_path))
-    assert str(e.value) == (f"{tmp_path / 'top_400_unseen.csv'}: the published split needs unseen_labels.pkl beside "
+    assert source_error("openimages", str(tmp_path)) == (f"{tmp_path / 'top_400_unseen.csv'}: the published split needs unseen_labels.pkl beside "
                             f"it (not found in {tmp_path})")
 
 
@@ -216,9 +217,7 @@ def test_computed_unseen_short_of_n_unseen_warns(tmp_path, caplog):
 
 def test_openimages_labels_not_found_names_where_it_looked(tmp_path):
     make_openimages(tmp_path, "v6")
-    with pytest.raises(SourceError) as e:
-        open_source("openimages", str(tmp_path), split="validation")
-    assert str(e.value) == (f"{tmp_path}: no Open Images validation image labels found (looked for "
+    assert source_error("openimages", str(tmp_path), split="validation") == (f"{tmp_path}: no Open Images validation image labels found (looked for "
                             f"[oidv7-|oidv6-]{{validation,val}}-annotations-human-imagelabels[-boxable].csv in "
                             f"{tmp_path} and {tmp_path / 'validation'})")
 
@@ -227,9 +226,7 @@ def test_openimages_no_images_names_where_it_looked(tmp_path):
     make_openimages(tmp_path, "v6", labels_in="split")
     for p in (tmp_path / "train").glob("*.jpg"):
         p.unlink()
-    with pytest.raises(SourceError) as e:
-        open_source("openimages", str(tmp_path))
-    assert str(e.value) == (f"{tmp_path}: no Open Images train images found (looked for <ImageID>.jpg in "
+    assert source_error("openimages", str(tmp_path)) == (f"{tmp_path}: no Open Images train images found (looked for <ImageID>.jpg in "
                             f"{tmp_path / 'train'} and {tmp_path / 'train'}_[0-9a-f])")
 
 
@@ -238,25 +235,17 @@ def test_openimages_no_images_names_where_it_looked(tmp_path):
 def test_coco_unknown_split_names_available_ones(tmp_path):
     make_coco(tmp_path, "val2014")
     make_coco(tmp_path, "train2014")
-    with pytest.raises(SourceError) as e:
-        open_source("coco", str(tmp_path), split="train")
-    assert str(e.value) == (f"{tmp_path / 'annotations' / 'instances_train.json'}: not found; "
+    assert source_error("coco", str(tmp_path), split="train") == (f"{tmp_path / 'annotations' / 'instances_train.json'}: not found; "
                             "available splits: train2014, val2014")
-    with pytest.raises(SourceError) as e:
-        open_source("coco", str(tmp_path))
-    assert str(e.value) == f"{tmp_path}: pass --split: found annotations/instances_{{split}}.json for train2014, val2014"
+    assert source_error("coco", str(tmp_path)) == f"{tmp_path}: pass --split: found annotations/instances_{{split}}.json for train2014, val2014"
 
 
 def test_coco_images_folder_instead_of_root(tmp_path):
     make_coco(tmp_path, "val2014")
     images = tmp_path / "val2014"
-    with pytest.raises(SourceError) as e:
-        open_source("coco", str(images))
-    assert str(e.value) == (f"{images}: no COCO annotations/instances_{{split}}.json found (pass the folder that "
+    assert source_error("coco", str(images)) == (f"{images}: no COCO annotations/instances_{{split}}.json found (pass the folder that "
                             "holds annotations/ and the image folders)")
-    with pytest.raises(SourceError) as e:
-        open_source("coco", str(images), split="val2014")
-    assert str(e.value) == (f"{images / 'annotations' / 'instances_val2014.json'}: not found; "
+    assert source_error("coco", str(images), split="val2014") == (f"{images / 'annotations' / 'instances_val2014.json'}: not found; "
                             f"no annotations/instances_{{split}}.json in {images}")
 
 
