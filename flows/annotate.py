@@ -26,14 +26,6 @@ _models: dict = {}
 _models_lock = threading.Lock()
 
 
-def _content_key(url: str | None) -> tuple | None:
-    """What a cached model depends on in a file: its path and its bytes' hash (a small file: the
-    vocabulary, the CRG; local or s3://)."""
-    import hashlib
-
-    return None if url is None else (str(url), hashlib.sha256(storage.read_bytes(url)).hexdigest())
-
-
 def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, device: str, mm_candidates: int):
     """(model, vocab) for this process: loaded by the first shard task, reused by the next ones
     (threads of this process, or the tasks a long-lived Dask worker runs, run after run). Keyed by
@@ -42,11 +34,12 @@ def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, devi
     from dart_core.backbone import file_sha256
     from dart_core.checkpoint import check_vocabulary, load_model, read_checkpoint
     from dart_core.crg.graph import CRG
+    from dart_core.infer import file_hash
     from dart_core.vocab import Vocabulary
 
     # file_sha256 is memoised per (path, size, mtime): the checkpoint is hashed once per version
     ck = file_sha256(checkpoint) if Path(checkpoint).is_file() else None  # (missing: read_checkpoint says so)
-    key = (checkpoint, ck, _content_key(classes_csv), _content_key(crg), device, mm_candidates)
+    key = (checkpoint, ck, classes_csv, file_hash(classes_csv), crg, file_hash(crg), device, mm_candidates)
     with _models_lock:
         if key not in _models:
             _models.clear()
