@@ -131,13 +131,26 @@ def ap_per_class(con, zsl: bool) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE ap_per_class AS " + sqlfiles.load("eval_ap_per_class").rstrip().rstrip(";"))
 
 
-def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
+def labelled(pred_dir: str | Path, corrections=None) -> tuple[duckdb.DuckDBPyConnection, dict | None]:
+    """connect(pred_dir), with a dart_core.corrections.Corrections applied on top of the shard labels
+    when given (sql/corrections.sql); the second value: what the corrections changed (None without)."""
+    con = connect(pred_dir)
+    if corrections is None:
+        return con, None
+    from dart_core.corrections import apply
+
+    return con, {**corrections.meta(), **apply(con, corrections)}
+
+
+def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False, corrections=None) -> dict:
     """{"zsl"|"gzsl": {"mAP": .., "P@k": .., "R@k": .., "F1@k": .., "classes": n,
     "classes_with_positives": n, "images": n, "labelled_images": n}, "seen": {"mAP": .., counts}}
     as fractions; "seen" is the mAP of the seen classes alone (the classes a model was trained on),
     present when the vocabulary has unseen classes. `images`: scored images (P/R/F1@K count them
-    all); `labelled_images`: those with a known label for one of the setting's classes."""
-    con = connect(pred_dir)
+    all); `labelled_images`: those with a known label for one of the setting's classes.
+    With `corrections` (dart_core.corrections.Corrections) the labels are the shard labels with the
+    corrections on top, and "labels" records the file, its sha256 and what it changed."""
+    con, applied = labelled(pred_dir, corrections)
     has_unseen = con.execute("SELECT count(*) FROM vocab WHERE unseen").fetchone()[0] > 0
     out = {}
     for setting, zsl in (("zsl", True), ("gzsl", False)):
@@ -157,7 +170,12 @@ def evaluate(pred_dir: str | Path, ks=(3, 5), legacy: bool = False) -> dict:
         m, with_pos, n_classes = run(con, "eval_map", legacy=legacy, seen_only=True).fetchone()
         out["seen"] = {"mAP": float("nan") if m is None else float(m), "classes": int(n_classes),
                        "classes_with_positives": int(with_pos), **_image_counts(con, zsl=False, seen_only=True)}
+    if applied is not None:
+        out["labels"] = applied
     return out
+
+
+SETTINGS = ("zsl", "gzsl", "seen")  # the rows of `evaluate`'s result ("labels": what labels it used)
 
 
 def _image_counts(con, **variables) -> dict:
@@ -171,6 +189,8 @@ def format_table(results: dict, ks) -> str:
     cols = ["mAP"] + [f"{m}@{k}" for k in ks for m in ("P", "R", "F1")]
     lines = ["setting  " + "  ".join(f"{c:>7}" for c in cols) + f"  {'classes':>11}  {'images':>15}"]
     for setting, row in results.items():
+        if setting not in SETTINGS:
+            continue
         classes = f"{row['classes_with_positives']}/{row['classes']}"
         images = f"{row['labelled_images']}/{row['images']}" if "labelled_images" in row else ""
         counts = f"  {classes:>11}  {images:>15}"
@@ -185,7 +205,7 @@ def _names(rows: list, most: int = 3) -> str:
     return names + (f", … ({len(rows) - most} more)" if len(rows) > most else "")
 
 
-def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
+def doubts(pred_dir: str | Path, legacy: bool = False, corrections=None) -> list[str]:
     """Why the numbers of `evaluate` may not mean what they seem, one line each (no line: none):
     shards of the run that have no finished output, classes without a negative label (AP 1
     whatever the scores) and classes without a positive label (no AP)."""
@@ -212,7 +232,7 @@ def doubts(pred_dir: str | Path, legacy: bool = False) -> list[str]:
             out.append(f"{pred_dir}: {len(wanted) - len(missing)} of {len(wanted)} shards of the run are finished; "
                        f"not finished: {_names(missing)}; the numbers do not cover the whole run "
                        "(rerun the same `dart annotate` to finish it)")
-    con = connect(pred_dir)
+    con, _ = labelled(pred_dir, corrections)
     rows = run(con, "eval_class_labels").fetchall()
     no_neg = [name for _, _, name, _, pos, neg in rows if pos and not neg]
     no_pos = [name for _, _, name, _, pos, _ in rows if not pos]

@@ -3,7 +3,10 @@
 Per shard `S` — its id `<split>-<NNNNNN>` (dart_core.data.shard_format.shard_id), the same as in
 the shard's sidecar and stats file — read whole, in order, decoded in background threads so
 decoding overlaps compute:
-    PRED/scores/shard=S/part.parquet   image_id, scores list<float16> (vocabulary order)
+    PRED/scores/shard=S/part.parquet   image_id, scores list<float16> (vocabulary order), file (the
+                                       original file, the sample json's source.file), source (that
+                                       source object as JSON: dataset, row, ...); folders written
+                                       before these two columns read as NULL (sql/views.sql)
     PRED/tags/shard=S/part.parquet     image_id, class_id, class_name, score, rank, unseen,
                                        above_threshold, patches list<int16>, patch_scores list<float16>
     PRED/labels/shard=S/part.parquet   image_id, class_id, label int8 (the known ±1 labels)
@@ -47,6 +50,10 @@ SCHEMAS = {
     "labels": pa.schema([("image_id", pa.string()), ("class_id", pa.string()), ("label", pa.int8())]),
     "errors": pa.schema([("image_id", pa.string()), ("error", pa.string())]),
 }
+# written after the columns above in scores/: where each sample came from (the shard sample json's
+# `source`), so the audit can name the user's file; older prediction folders lack them
+SOURCE_FIELDS = [pa.field("file", pa.string()), pa.field("source", pa.string())]
+WRITTEN_SCHEMAS = {**SCHEMAS, "scores": pa.schema(list(SCHEMAS["scores"]) + SOURCE_FIELDS)}
 
 
 class AnnotateError(ValueError):
@@ -102,10 +109,34 @@ def shard_batches(url: str, vocab: Vocabulary, preprocess, batch_size: int, num_
 
     samples = wds.DataPipeline(wds.SimpleShardList([str(url)]), opened_here, wds.tarfile_to_samples())
     # strict=False: a corrupt sample becomes an error row (image None) and the shard goes on
-    decode = SampleDecoder(vocab.ids, preprocess, strict=False)
+    decode = _WithSource(SampleDecoder(vocab.ids, preprocess, strict=False))
     if num_workers <= 0:
         return _batches(map(decode, samples), batch_size)
     return _ThreadPrefetch(_decoded_batches(samples, decode, batch_size, num_workers), depth=2)
+
+
+class _WithSource:
+    """Picklable: decode(sample) plus the sample json's `source` object ({} when absent or unreadable)."""
+
+    def __init__(self, decode):
+        self.decode = decode
+
+    def __call__(self, sample: dict):
+        out = self.decode(sample)
+        try:
+            src = json.loads(sample["json"]).get("source")
+        except Exception:  # noqa: BLE001 - the decoder above already recorded a bad json
+            src = None
+        return (*out, src if isinstance(src, dict) else {})
+
+
+def _source_columns(item) -> tuple[str | None, str | None]:
+    """(file, source json) of a decoded item; (None, None) for items without a source."""
+    src = item[4] if len(item) > 4 else {}
+    if not src:
+        return None, None
+    f = src.get("file")
+    return (None if f is None else str(f)), json.dumps(src, sort_keys=True, default=str)
 
 
 def _batches(items, batch_size: int):
@@ -205,7 +236,7 @@ class _ThreadPrefetch:
 # ---- scoring ------------------------------------------------------------------------------------
 
 def _write_table(rows: dict[str, list], name: str, path: Path) -> int:
-    table = pa.Table.from_pydict(rows, schema=SCHEMAS[name])
+    table = pa.Table.from_pydict(rows, schema=WRITTEN_SCHEMAS[name])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return table.num_rows
@@ -225,7 +256,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     check_interrupt()  # a shard task that starts after Ctrl-C stops before starting its reader
     t0 = time.time()
     stage = _staging_dir(pred_dir, sid)
-    rows = {name: {f: [] for f in SCHEMAS[name].names} for name in TABLES}
+    rows = {name: {f: [] for f in WRITTEN_SCHEMAS[name].names} for name in TABLES}
     unseen = vocab.unseen_mask
     ids, names = vocab.ids, vocab.names
     C = len(vocab)
@@ -236,7 +267,8 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     for batch in shard_batches(url, vocab, model.backbone.preprocess, cfg.batch_size, cfg.num_workers):
         check_interrupt()  # Ctrl-C: drop this shard's staged rows; a rerun redoes the shard whole
         good = [b for b in batch if b[3] is None]
-        for _, _, key, err in batch:
+        for b in batch:
+            key, err = b[2], b[3]
             if err is not None:
                 rows["errors"]["image_id"].append(key)
                 rows["errors"]["error"].append(err)
@@ -261,6 +293,10 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
         n_ok += len(good)
         rows["scores"]["image_id"] += keys
         rows["scores"]["scores"] += list(scores.astype(np.float16))  # exact: already rounded
+        for g in good:
+            f, src = _source_columns(g)
+            rows["scores"]["file"].append(f)
+            rows["scores"]["source"].append(src)
         lab = torch.stack([g[1] for g in good]).numpy()
         lb, lc = np.nonzero(lab)  # per image, in vocabulary order
         rows["labels"]["image_id"] += [keys[b] for b in lb]

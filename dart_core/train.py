@@ -51,6 +51,10 @@ class TrainConfig:
     # from the first shards; its seen-class mAP picks the saved epoch. 0 = no validation.
     val_share: float = 0.05
     val_max: int = 5000
+    # a corrections file (dart_core.corrections) applied on top of the shard labels; its sha256 is
+    # filled in by train_on_shards, so the checkpoint's train_config records what was applied
+    corrections: str | None = None
+    corrections_sha256: str | None = None
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -363,10 +367,20 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
     model.set_classes(list(seen.names), class_graph(seen, text, crg_path, crg_source), text=text)
     counts = model.parameter_counts()
     urls = list_shards(shards) if isinstance(shards, (str, os.PathLike)) else [str(u) for u in shards]
+    fixes = None
+    if train_cfg.corrections:
+        from dart_core.corrections import read as read_corrections
+
+        corr = read_corrections(train_cfg.corrections)
+        train_cfg.corrections_sha256 = corr.sha256
+        fixes = corr.by_image()
+        if rank == 0:
+            log(f"labels: the shard labels with {len(corr.labels)} corrections from {train_cfg.corrections} "
+                f"(sha256 {corr.sha256[:12]}) on top")
     holdout, val_loader, n_val = None, None, 0
     pre, bs = model.backbone.preprocess, train_cfg.batch_size
     if val_shards:
-        val_loader = make_loader(val_shards, seen, pre, bs, train=False, all_ranks=True)
+        val_loader = make_loader(val_shards, seen, pre, bs, train=False, all_ranks=True, corrections=fixes)
         val_note = f"validation: {val_shards}"
     elif train_cfg.val_share > 0 and urls:
         share = train_cfg.val_share
@@ -375,7 +389,8 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
         held = urls[:max(1, min(len(urls), math.ceil(wanted / max(share * per_shard, 1e-9))))]
         n_val = int(round(share * per_shard * len(held)))
         holdout = (share, False, held)
-        val_loader = make_loader(held, seen, pre, bs, train=False, all_ranks=True, holdout=(share, True, held))
+        val_loader = make_loader(held, seen, pre, bs, train=False, all_ranks=True, holdout=(share, True, held),
+                                 corrections=fixes)
         val_note = f"validation: ~{n_val} samples held out of {len(held)} shard(s)"
     else:
         val_note = "no validation (model.pt = the last epoch)"
@@ -388,7 +403,7 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
         raise ValueError(f"{n_train} training samples are fewer than one global batch of "
                          f"{bs * world} (--batch-size {bs} per process × {world}); lower --batch-size")
     loader = make_loader(urls, seen, pre, bs, train=True, num_workers=num_workers, seed=train_cfg.seed,
-                         holdout=holdout)
+                         holdout=holdout, corrections=fixes)
     fit(model, RepeatingBatches(loader, steps), seen, out_dir, train_cfg, steps_per_epoch=steps,
         device=device, log=log, val_data=val_loader)
     return Path(out_dir) / "model.pt"

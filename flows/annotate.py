@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -212,7 +213,8 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
                 "unseen_classes": int(vocab.unseen_mask.sum()), "trained_classes": len(doc["vocab"]["ids"]),
                 "code_version": __version__, "shards_root": str(shards), "shards": shard_list,
                 "thresholds": thresholds_csv, "top_m": top_m, "mm_candidates": mm_candidates,
-                "grid": list(patch_grid(doc["backbone"]["name"])), "score": score}
+                "grid": list(patch_grid(doc["backbone"]["name"])), "score": score,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # shown in the audit report
         prepare_output(out, meta, vocab, th, mode)
         if score not in ("dart", "zero_shot"):
             raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")

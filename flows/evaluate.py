@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import json
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
 
 @flow(name="evaluate")
-def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None = None, legacy: bool = False) -> dict:
+def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None = None, legacy: bool = False,
+                  corrections: str | None = None) -> dict:
+    from dart_core import corrections as corr
     from dart_core.evaluate import doubts, evaluate, format_table
 
     ks = ks or [3, 5]
-    res = evaluate(pred, ks, legacy)
+    fix = corr.read(corrections) if corrections else None
+    res = evaluate(pred, ks, legacy, corrections=fix)
     logger = get_run_logger()
     logger.info("\n" + format_table(res, ks))
-    for note in doubts(pred, legacy):
+    if fix is not None:
+        logger.info(f"labels: {res['labels']}")
+    for note in doubts(pred, legacy, corrections=fix):
         logger.warning(note)
     if json_out:
         write_eval(res, json_out)
@@ -29,11 +34,14 @@ def write_eval(res: dict, json_out: str) -> None:
     from dart_core import storage
 
     storage.write_bytes(json_out, json.dumps(res, indent=1).encode())  # local or s3://
-    cols = sorted({k for row in res.values() for k in row})
+    from dart_core.evaluate import SETTINGS
+
+    rows = {k: v for k, v in res.items() if k in SETTINGS}  # "labels" (corrections used) is in the JSON only
+    cols = sorted({k for row in rows.values() for k in row})
     f = io.StringIO(newline="")
     w = csv.writer(f)
     w.writerow(["setting"] + cols)
-    for setting, row in res.items():
+    for setting, row in rows.items():
         w.writerow([setting] + ["" if c not in row else round(100 * row[c], 4) if c == "mAP" or "@" in c
                                 else row[c] for c in cols])
     head, _, name = str(json_out).rpartition("/")
@@ -41,29 +49,55 @@ def write_eval(res: dict, json_out: str) -> None:
     storage.write_bytes(f"{head}/{csv_name}" if head else csv_name, f.getvalue().encode())
 
 
+@task(name="audit-score")
+def audit_score(pred: str, method: str, limit: int, per_class_cap: int | None, min_suspicion: float,
+                corrections: str | None) -> dict:
+    from dart_core import corrections as corr
+    from dart_core.audit import run_audit
+
+    fix = corr.read(corrections) if corrections else None
+    return run_audit(pred, method=method, max_rows=limit, per_class_cap=per_class_cap,
+                     min_suspicion=min_suspicion, corrections=fix)
+
+
+@task(name="audit-samples")
+def audit_samples(result: dict, run: dict, thumbnails: int) -> dict:
+    """The original files (from the shard sidecars where the predictions lack them) and pictures."""
+    from dart_core.audit import fill_sources, pictures
+
+    fill_sources(result["pairs"], run)
+    return pictures(result["pairs"], run, thumbnails)
+
+
 @flow(name="audit")
-def audit_flow(pred: str, out: str, top: int = 3, limit: int = 50) -> str:
-    from dart_core.evaluate import audit
-    from dart_core.data.shard_format import shard_id
-    from dart_core.infer import read_shard_image
+def audit_flow(pred: str, out: str | None, method: str = "sql", limit: int = 2000,
+               per_class_cap: int | None = None, min_suspicion: float = 0.5, export: str | None = None,
+               corrections: str | None = None, thumbnails: int = 2000, details: bool = False):
+    """Score every label (per-class calibrated), keep the review list, write the static report at
+    `out` (when given) and the review CSV at `export` (when given). Returns the report's path (the
+    review file's without `out`), or with details=True {"report", "export", "pairs", "meta"}."""
+    from dart_core.audit import write_review
     from dart_core.report import write_report
 
     from dart_core import storage
 
+    logger = get_run_logger()
     run = json.loads(storage.read_bytes(storage.join(pred, "run.json")))  # local or s3://
-    by_id = {shard_id(url): url for url in run.get("shards", [])}
-    result = audit(pred, top=top, limit=limit)
-
-    def image_bytes(shard: str, key: str):
-        url = by_id.get(shard)
-        if url is None:
-            return None
-        try:
-            return read_shard_image(url, key)  # local or s3://
-        except Exception:  # noqa: BLE001 - a thumbnail is optional: the report goes on without it
-            return None
-
-    grid = tuple(run.get("grid", (14, 14)))
-    page = write_report(out, result, run, image_bytes, grid)
-    get_run_logger().info(f"audit report: {page}")
-    return str(page)
+    result = audit_score(pred, method, limit, per_class_cap, min_suspicion, corrections)
+    images = audit_samples(result, run, thumbnails if out else 0)
+    meta = result["meta"]
+    logger.info(f"audit ({meta['method']}): {meta['listed']} of {meta['candidates']} suspicious labels listed, "
+                f"at most {meta['per_class_cap']} per class")
+    if meta["not_calibrated"]:
+        logger.warning(f"{len(meta['not_calibrated'])} classes have no positive or no negative label and are not "
+                       f"ranked: {', '.join(meta['not_calibrated'][:5])}")
+    page = None
+    if out:
+        page = str(write_report(out, result, run, images, tuple(run.get("grid", (14, 14)))))
+        logger.info(f"audit report: {page}")
+    if export:
+        n = write_review(export, result["pairs"])
+        logger.info(f"review file: {export} ({n} rows)")
+    if details:
+        return {"report": page, "export": export, "pairs": len(result["pairs"]), "meta": meta}
+    return page or export

@@ -6,15 +6,23 @@
 -- stopped half-way is not seen until a rerun finishes it.
 CREATE OR REPLACE VIEW done AS
     SELECT regexp_extract(file, '([^/]+)\.json$', 1) AS shard FROM glob(getvariable('pred') || '/_done/*.json');
+-- scores: image_id, scores, shard, and where the sample came from: file (the original file path, the
+-- shard sample's source.file) and source (that source object as JSON); NULL in folders written before
+-- annotate recorded them (the empty relation after UNION ALL BY NAME supplies the two columns then).
 CREATE OR REPLACE VIEW scores AS
-    SELECT * FROM read_parquet(getvariable('pred') || '/scores/*/*.parquet', hive_partitioning = true)
-    WHERE shard IN (SELECT shard FROM done);
+    SELECT * FROM read_parquet(getvariable('pred') || '/scores/*/*.parquet', hive_partitioning = true,
+                               union_by_name = true)
+    WHERE shard IN (SELECT shard FROM done)
+    UNION ALL BY NAME SELECT NULL::VARCHAR AS file, NULL::VARCHAR AS source WHERE false;
 CREATE OR REPLACE VIEW tags AS
     SELECT * FROM read_parquet(getvariable('pred') || '/tags/*/*.parquet', hive_partitioning = true)
     WHERE shard IN (SELECT shard FROM done);
-CREATE OR REPLACE VIEW labels AS
+-- shard_labels: the known ±1 labels as the shards hold them; labels: the labels every query uses,
+-- the same unless sql/corrections.sql redefines it with a corrections file applied on top.
+CREATE OR REPLACE VIEW shard_labels AS
     SELECT * FROM read_parquet(getvariable('pred') || '/labels/*/*.parquet', hive_partitioning = true)
     WHERE shard IN (SELECT shard FROM done);
+CREATE OR REPLACE VIEW labels AS SELECT * FROM shard_labels;
 CREATE OR REPLACE VIEW errors AS
     SELECT * FROM read_parquet(getvariable('pred') || '/errors/*/*.parquet', hive_partitioning = true)
     WHERE shard IN (SELECT shard FROM done);

@@ -77,6 +77,24 @@ def opened_here(src):
     yield from src
 
 
+class _Corrected:
+    """Picklable map stage: labels of a decoded sample with corrections on top ({key: {class id: label}},
+    dart_core.corrections); classes outside the vocabulary are ignored."""
+
+    def __init__(self, corrections: dict, class_ids):
+        index = {cid: i for i, cid in enumerate(class_ids)}
+        self.fix = {k: [(index[c], v) for c, v in d.items() if c in index] for k, d in corrections.items()}
+
+    def __call__(self, item):
+        fix = self.fix.get(item[2])
+        if fix:
+            labels = item[1].clone()
+            for i, v in fix:
+                labels[i] = v
+            item = (item[0], labels, *item[2:])
+        return item
+
+
 def _collate(batch):
     import torch
 
@@ -87,7 +105,7 @@ def _collate(batch):
 def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train: bool,
                 shuffle_buffer: int = 1000, num_workers: int = 0, seed: int = 0,
                 drop_last: bool | None = None, holdout: tuple | None = None,
-                all_ranks: bool = False) -> Iterable:
+                all_ranks: bool = False, corrections: dict | None = None) -> Iterable:
     """Batches (images (B,3,H,W) float, labels (B,len(vocab)) int8 in {-1,0,1}, keys list[str]).
 
     train=True: shards shuffled (seeded), split by node (torch.distributed rank / world size, or
@@ -99,6 +117,8 @@ def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train
     holdout=(share, validation[, shard urls]): only the samples outside (False) or inside (True) the
     validation slice `is_validation(key, share)` of the given shards (default: all). all_ranks=True (train=False only): this process reads every
     shard whatever its rank (rank 0 scoring the validation slice alone).
+    corrections: {sample key: {class id: 1 | -1 | 0}} applied on top of the shard labels
+    (dart_core.corrections.Corrections.by_image()).
     """
     import webdataset as wds
 
@@ -113,8 +133,10 @@ def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train
         stages = [wds.SimpleShardList(urls), split, opened_here, wds.tarfile_to_samples(), wds.select(F.valid_member)]
     if holdout is not None and holdout[0] > 0:
         stages.append(wds.select(_KeyFilter(*holdout)))
-    stages += [wds.map(F.SampleDecoder(vocab.ids, preprocess, strict=True)),
-               wds.batched(batch_size, collation_fn=_collate, partial=not drop_last)]
+    stages.append(wds.map(F.SampleDecoder(vocab.ids, preprocess, strict=True)))
+    if corrections:
+        stages.append(wds.map(_Corrected(corrections, vocab.ids)))
+    stages += [wds.batched(batch_size, collation_fn=_collate, partial=not drop_last)]
     pipeline = wds.DataPipeline(*stages)
     if num_workers == 0:
         return pipeline

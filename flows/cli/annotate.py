@@ -61,15 +61,24 @@ def eval_(
     k: List[int] = typer.Option([3, 5], "--k", min=1, help="K for P/R/F1@K (repeat: --k 3 --k 5)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON (+ CSV beside it)."),
     legacy: bool = typer.Option(False, help="Count classes without positives as AP 0 (older papers)."),
+    corrections: Optional[str] = typer.Option(None, help="Corrections file (`dart corrections`) or reviewed file "
+                                                         "(`dart audit --export`, accepted rows) applied on top of the shard labels."),
 ) -> None:
     """ZSL / GZSL mAP and P/R/F1@K (percent) from the prediction tables, in SQL, with the class and
     image counts behind them; `warning:` lines on stderr when the numbers are doubtful."""
+    from dart_core import corrections as corr
     from dart_core.evaluate import doubts, evaluate, format_table
     from flows.evaluate import write_eval
 
-    res = evaluate(pred, k, legacy)
-    notes = doubts(pred, legacy)
+    fix = corr.read(corrections) if corrections else None
+    res = evaluate(pred, k, legacy, corrections=fix)
+    notes = doubts(pred, legacy, corrections=fix)
     typer.echo(format_table(res, k))
+    labels = res.get("labels")
+    if labels:
+        typer.echo(f"labels: shard labels with {labels['corrections_rows']} corrections from {labels['corrections']} "
+                   f"(sha256 {labels['corrections_sha256'][:12]}): {labels['changed']} labels changed, "
+                   f"{labels['rows'] - labels['matched']} name no image scored here")
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
     if json_out:
@@ -80,15 +89,51 @@ def eval_(
 @app.command()
 def audit(
     pred: str = typer.Argument(..., help="Prediction folder or s3://bucket/prefix."),
-    out: str = typer.Option(..., help="Report folder (index.html + thumbnails)."),
-    top: int = typer.Option(3, min=1, help="A class is 'predicted' when in the image's top-TOP."),
-    limit: int = typer.Option(50, min=1, help="Rows per list."),
+    out: Optional[str] = typer.Option(None, help="Report folder (index.html + thumbnails), local."),
+    export: Optional[str] = typer.Option(None, help="Write the review list as CSV (path, class, current_label, "
+                                                    "suggested_label, score, reason, ..., decision) to review."),
+    method: Literal["sql", "cleanlab"] = typer.Option(
+        "sql", help="Ranking: a per-class calibrated probability in DuckDB SQL, or cleanlab's per-class label quality "
+                    "on per-class Platt-calibrated probabilities (docs/audit.md: both measured)."),
+    limit: int = typer.Option(2000, min=1, help="Rows of the review list (report and export)."),
+    per_class_cap: int = typer.Option(0, min=0, help="At most this many rows per class (0: 3 x LIMIT / classes)."),
+    min_suspicion: float = typer.Option(0.5, min=0, max=1, help="List only labels whose suspicion (1 - calibrated "
+                                                                 "probability of the label) is at least this."),
+    corrections: Optional[str] = typer.Option(None, help="Corrections applied on top of the shard labels first."),
+    thumbnails: int = typer.Option(2000, min=0, help="Pictures for the first N rows of the report."),
 ) -> None:
-    """Write a static HTML report of the labels that look wrong or missing."""
+    """The labels that look wrong or missing: a static HTML report (--out) and a review CSV (--export)."""
     from flows.evaluate import audit_flow
 
-    page = audit_flow(pred, out, top, limit)
-    typer.echo(f"report: {page}")
+    if not out and not export:
+        _fail("give --out REPORT_DIR, --export review.csv, or both")
+    if corrections:
+        from dart_core import corrections as corr
+
+        corr.read(corrections)  # a bad file: one error line now, before the flow starts
+    res = audit_flow(pred, out, method, limit, per_class_cap or None, min_suspicion, export, corrections, thumbnails,
+                     details=True)
+    m = res["meta"]
+    typer.echo(f"{m['listed']} of {m['candidates']} suspicious labels listed ({m['method']}, at most "
+               f"{m['per_class_cap']} per class)")
+    if res["report"]:
+        typer.echo(f"report: {res['report']}")
+    if res["export"]:
+        typer.echo(f"review file: {res['export']} ({res['pairs']} rows; fill decision with accept or reject, then "
+                   f"`dart corrections {res['export']} --out corrections.csv`)")
+
+
+@app.command(name="corrections")
+def corrections_(
+    review: str = typer.Argument(..., help="A review file from `dart audit --export` with decision = accept / reject."),
+    out: str = typer.Option(..., help="Corrections file to write (image_id,class_id,label,...), local or s3://."),
+) -> None:
+    """Turn a reviewed file into a corrections file for `dart train --corrections` / `dart eval --corrections`."""
+    from dart_core.corrections import from_review
+
+    c = from_review(review, out)
+    typer.echo(f"{c['accepted']} accepted, {c['rejected']} rejected, {c['pending']} without a decision -> "
+               f"{c['written']} corrections in {out}")
 
 
 @app.command()

@@ -39,6 +39,8 @@ def train(
     arm: bool = typer.Option(True, "--arm/--no-arm", help="--no-arm: the ablation without the ARM (Tab. 5)."),
     wps: bool = typer.Option(True, "--wps/--no-wps", help="--no-wps: the ablation without the WPS loss (Tab. 5)."),
     atm: bool = typer.Option(True, "--atm/--no-atm", help="--no-atm: the ablation without the ATM (Tab. 5)."),
+    corrections: Optional[str] = typer.Option(None, help="Corrections file (`dart corrections`, or a reviewed "
+                                                         "`dart audit --export` file) applied on top of the shard labels; recorded in the checkpoint."),
 ) -> None:
     """Train DART on webdataset shards (resumes from OUT/last.pt after a crash or Ctrl-C)."""
     from dart_core.backbone import BackboneError, check_downloadable, is_weights_file
@@ -48,6 +50,10 @@ def train(
 
         raise BackboneError(RANDOM_BACKBONE_REFUSED)
 
+    if corrections:
+        from dart_core.corrections import read as read_corrections
+
+        read_corrections(corrections)  # a bad file: one error line now, not after the model is built
     if not is_weights_file(backbone, pretrained):  # unfetchable weights: say so now, not inside the flow
         check_downloadable(backbone, pretrained)
     source = crg_source or ("file" if crg else "similarity")
@@ -62,7 +68,8 @@ def train(
             torch.cuda.set_device(device)
     model_cfg = dict(backbone=backbone, pretrained=None if pretrained.lower() == "none" else pretrained,
                      arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=arm, use_wps=wps, use_atm=atm)
-    train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end, val_share=val_share)
+    train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end, val_share=val_share,
+                     **({"corrections": corrections} if corrections else {}))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # under torchrun every rank trains; Prefect would start one flow run per rank
         from dart_core.model import DARTConfig

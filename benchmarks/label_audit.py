@@ -1,0 +1,224 @@
+"""How many real label errors does `dart audit` find? Inject known errors and measure.
+
+    python benchmarks/label_audit.py --demo WORKDIR [--seed 0 --seed 1 --seed 2] [--split test]
+        [--positive-rate 0.03] [--negative-rate 0.03] [--out /work/audit-bench] [--json OUT.json]
+
+WORKDIR is a finished `dart demo --workdir WORKDIR` (shards/, runs/dart/model.pt, predictions/dart/
+run.json for its CRG); build one from scratch with `dart demo --workdir WORKDIR` (~17 min on 2 cores).
+Per seed: copy the split's shards with a known share of the labels flipped (positive-rate of the
+known positives dropped to negative, negative-rate of the known negatives turned positive, chosen
+by the seed), run `annotate` (the flow, with the demo's trained DART) on them, then score every
+known label with each ranking and report precision and recall of the injected errors among the top
+1 %, 2 % and 5 % of the known labels:
+
+- before (report order): the old report's lists (sql/audit_missing_labels.sql then
+  sql/audit_wrong_labels.sql: rank in the image, raw score);
+- percentile self-confidence: sql/audit_image_quality.sql's per-label score (the image's score
+  percentile within the class: p for a positive, 1 - p for a negative);
+- sql (ours): sql/audit_calibrated.sql, a per-class calibrated probability in DuckDB alone
+  (dart audit's default);
+- cleanlab: cleanlab's per-class label-quality score on per-class Platt-calibrated probabilities
+  (dart audit --method cleanlab), and, to show what calibration does, on the uncalibrated
+  sigmoid(score);
+- each of sql / cleanlab also with the report's per-class cap (3 x the fair share of the cut);
+- cleanlab find_multilabel_issues_per_class (confident learning) on the calibrated probabilities:
+  its own flagged set (its size is its own choice), precision and recall.
+The predictions do not depend on the labels, so every ranking sees the same scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARES = (0.01, 0.02, 0.05)
+
+
+def pr_at(order_errors: np.ndarray, n_known: int, n_errors: int) -> list[tuple[float, float]]:
+    """(precision, recall) of the first share x n_known entries of a ranking given as a 0/1 array."""
+    out = []
+    for q in SHARES:
+        n = int(round(q * n_known))
+        hits = int(order_errors[:n].sum())
+        out.append((hits / n if n else float("nan"), hits / n_errors if n_errors else float("nan")))
+    return out
+
+
+def rankings(pred: str, flipped: set, n_classes: int) -> dict:
+    """{name: 0/1 array of "is an injected error" down the ranking (known labels only)}, plus extras."""
+    from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
+
+    from dart_core import audit as A
+    from dart_core.evaluate import audit as old_audit, connect
+
+    con = connect(pred)
+    keys, S, Y = A.dense(con)
+    ids = [r[0] for r in con.execute("SELECT class_id FROM vocab ORDER BY class_index").fetchall()]
+    known = Y != 0
+    n_known = int(known.sum())
+    err = np.zeros(Y.shape, dtype=bool)
+    index = {k[1]: i for i, k in enumerate(keys)}
+    col = {c: j for j, c in enumerate(ids)}
+    for key, cid in flipped:
+        err[index[key], col[cid]] = True
+    out, extra = {}, {}
+
+    top1 = int(round(SHARES[0] * n_known))
+
+    def from_matrix(name, susp):
+        s = np.where(known, susp, -np.inf).ravel()
+        order = np.argsort(-s, kind="stable")[:n_known]
+        extra.setdefault("top1_max_class_share", {})[name] = _max_share((order[:top1] % S.shape[1]).tolist())
+        return err.ravel()[order]
+
+    def from_rows(rows, name=None):
+        rows = [r for r in rows if int(r["label"]) != 0]
+        if name:
+            extra.setdefault("top1_max_class_share", {})[name] = _max_share([r["class_id"] for r in rows[:top1]])
+        return np.array([err[index[r["image_id"]], col[r["class_id"]]] for r in rows])
+
+    # before: the old report's two lists, in page order, known labels only
+    old = old_audit(pred, top=3, limit=n_known)
+    out["before (report order)"] = from_rows(old["missing"] + old["wrong"], "before (report order)")
+    # the old per-label self-confidence of audit_image_quality.sql (score percentile within the class)
+    ranks = (np.argsort(np.argsort(S, axis=0, kind="stable"), axis=0)).astype(np.float64)
+    pct = ranks / max(1, len(S) - 1)
+    out["percentile self-confidence"] = from_matrix("percentile self-confidence", np.where(Y == 1, 1 - pct, pct))
+    P, ok = A.platt(S, Y)
+    for method in ("sql", "cleanlab"):
+        A.score_pairs(con, method)
+        for cap_name, cap in (("", n_known), (" + per-class cap", None)):
+            rows_by_q = {}
+            for q in SHARES:
+                n = int(round(q * n_known))
+                rows_by_q[q] = A.suspicious(con, n, cap if cap is not None else A.default_cap(n, n_classes), 0.0)
+            # the capped list depends on its length: evaluate each cut on its own list
+            name = ("sql (ours; dart audit default)" if method == "sql" else "cleanlab (Platt-calibrated p)") + cap_name
+            out[name] = rows_by_q
+    sig = 1 / (1 + np.exp(-S))
+    name = "cleanlab on sigmoid(score), uncalibrated"
+    out[name] = from_matrix(name, A.cleanlab_suspicion(sig, Y, np.ones(S.shape[1], bool)))
+    labels = [np.flatnonzero(y == 1).tolist() for y in Y]
+    issues = find_multilabel_issues_per_class(labels=labels, pred_probs=P)
+    M = np.stack(issues, axis=1) if isinstance(issues, list) else np.asarray(issues)
+    M &= known
+    extra["find_issues"] = {"flagged": int(M.sum()), "precision": float((M & err).sum() / max(1, M.sum())),
+                            "recall": float((M & err).sum() / max(1, err.sum()))}
+    res = {}
+    for name, v in out.items():
+        if isinstance(v, dict):
+            res[name] = []
+            for q, rows in v.items():
+                e = from_rows(rows)
+                n = int(round(q * n_known))
+                hits = int(e.sum())
+                res[name].append((hits / n, hits / int(err.sum())))
+            extra.setdefault("top1_max_class_share", {})[name] = _max_share([r["class_id"] for r in v[SHARES[0]]])
+        else:
+            res[name] = pr_at(v, n_known, int(err.sum()))
+    extra["known_labels"], extra["errors"] = n_known, int(err.sum())
+    return {"pr": res, **extra}
+
+
+def first_rows(pred: str, n: int = 100) -> dict:
+    """The most frequent class among the n pairs of the report, before (the old page: n/2 rows of
+    each of its two lists) and now (the first n rows of dart audit's default list)."""
+    from collections import Counter
+
+    from dart_core.audit import run_audit
+    from dart_core.evaluate import audit as old_audit
+
+    old = old_audit(pred, top=3, limit=n // 2)  # the old page: its defaults --top 3 --limit 50, two lists
+    before = [r["class_name"] for r in old["missing"] + old["wrong"]]
+    now = [r["class_name"] for r in run_audit(pred, max_rows=n)["pairs"]]
+    out = {}
+    for name, rows in (("before", before), ("now", now)):
+        cls, k = Counter(rows).most_common(1)[0]
+        out[name] = {"rows": len(rows), "class": cls, "share": k / len(rows)}
+    return out
+
+
+def _max_share(classes: list[str]) -> float:
+    from collections import Counter
+
+    return max(Counter(classes).values()) / len(classes) if classes else 0.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--demo", required=True, help="A finished `dart demo --workdir` folder.")
+    ap.add_argument("--seed", type=int, action="append", help="Flip seeds (repeat; default 0).")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--positive-rate", type=float, default=0.03)
+    ap.add_argument("--negative-rate", type=float, default=0.03)
+    ap.add_argument("--out", default="/work/audit-bench")
+    ap.add_argument("--json", default=None, help="Write the figures here (default OUT/results.json).")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from dart_core.audit import inject_label_errors
+    from flows.annotate import annotate_flow
+
+    demo = Path(a.demo).resolve()
+    run = json.loads((demo / "predictions" / "dart" / "run.json").read_text())
+    ckpt, crg = run["checkpoint"], run.get("crg")
+    classes = demo / "shards" / "classes.csv"
+    n_classes = sum(1 for _ in open(classes)) - 1
+    seeds = a.seed or [0]
+    out = Path(a.out)
+    results = {"command": "python benchmarks/label_audit.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "demo": str(demo), "split": a.split, "positive_rate": a.positive_rate,
+               "negative_rate": a.negative_rate, "seeds": {}}
+    for seed in seeds:
+        t0 = time.time()
+        shards = out / f"seed{seed}" / "shards" / a.split
+        shutil.rmtree(shards, ignore_errors=True)
+        flipped = inject_label_errors(demo / "shards" / a.split, shards, seed, a.positive_rate, a.negative_rate)
+        pred = out / f"seed{seed}" / "pred"
+        annotate_flow(ckpt, str(shards), str(classes), str(pred), crg, top_m=64, batch_size=128, mode="overwrite")
+        r = rankings(str(pred), flipped, n_classes)
+        r["seconds"] = round(time.time() - t0, 1)
+        results["seeds"][seed] = r
+        print(f"\nseed {seed}: {r['errors']} injected errors among {r['known_labels']} known labels "
+              f"({a.positive_rate:.0%} of positives, {a.negative_rate:.0%} of negatives flipped), {r['seconds']} s")
+        print(f"{'ranking':<52}" + "".join(f"  top {q:.0%} P / R " for q in SHARES) + "  top-1% max class share")
+        for name, prs in r["pr"].items():
+            share = r.get("top1_max_class_share", {}).get(name)
+            print(f"{name:<52}" + "".join(f"  {p:5.2f} / {rec:4.2f}" for p, rec in prs)
+                  + (f"  {share:.2f}" if share is not None else ""))
+        fi = r["find_issues"]
+        print(f"{'cleanlab find_multilabel_issues_per_class':<52}  flags {fi['flagged']}: "
+              f"P {fi['precision']:.2f} / R {fi['recall']:.2f}")
+    results["unmodified"] = first_rows(str(demo / "predictions" / "dart"))
+    u = results["unmodified"]
+    print(f"\nthe demo's own predictions ({demo / 'predictions' / 'dart'}), 100 pairs of the report: "
+          f"before {u['before']['rows']} rows, most frequent class {u['before']['class']} "
+          f"({u['before']['share']:.0%}); now {u['now']['rows']} rows, {u['now']['class']} ({u['now']['share']:.0%})")
+    names = list(next(iter(results["seeds"].values()))["pr"])
+    mean = {n: [tuple(float(np.mean([results["seeds"][s]["pr"][n][i][j] for s in seeds])) for j in (0, 1))
+                for i in range(len(SHARES))] for n in names}
+    results["mean"] = mean
+    if len(seeds) > 1:
+        print(f"\nmean over seeds {seeds}")
+        for name, prs in mean.items():
+            print(f"{name:<52}" + "".join(f"  {p:5.2f} / {rec:4.2f}" for p, rec in prs))
+    path = Path(a.json) if a.json else out / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nfigures: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
