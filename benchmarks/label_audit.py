@@ -23,14 +23,15 @@ known label with each ranking and report precision and recall of the injected er
 - each of sql / cleanlab also with the report's per-class cap (3 x the fair share of the cut);
 - cleanlab find_multilabel_issues_per_class (confident learning) on the calibrated probabilities:
   its own flagged set (its size is its own choice), precision and recall.
-The predictions do not depend on the labels, so every ranking sees the same scores.
+The predictions do not depend on the labels, so every ranking sees the same scores. The injection,
+the annotation and the sql / cleanlab rows are dart_core.audit.measure_label_noise, the same function
+`dart demo --label-noise SHARE` runs; the other rankings are computed here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,21 +41,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARES = (0.01, 0.02, 0.05)
+# the library's measure (dart_core.audit.measure_label_noise, also `dart demo --label-noise`) gives the
+# sql and cleanlab rows; this file adds the other rankings, scored at the same cuts
+LIBRARY_ROWS = {"sql": "sql (ours; dart audit default)",
+                "sql + per-class cap": "sql (ours; dart audit default) + per-class cap",
+                "cleanlab": "cleanlab (Platt-calibrated p)",
+                "cleanlab + per-class cap": "cleanlab (Platt-calibrated p) + per-class cap"}
 
 
-def pr_at(order_errors: np.ndarray, n_known: int, n_errors: int) -> list[tuple[float, float]]:
-    """(precision, recall) of the first share x n_known entries of a ranking given as a 0/1 array."""
-    out = []
-    for q in SHARES:
-        n = int(round(q * n_known))
-        hits = int(order_errors[:n].sum())
-        out.append((hits / n if n else float("nan"), hits / n_errors if n_errors else float("nan")))
-    return out
-
-
-def rankings(pred: str, flipped: set, n_classes: int) -> dict:
-    """{name: 0/1 array of "is an injected error" down the ranking (known labels only)}, plus extras."""
+def rankings(pred: str, flipped: set, measured: dict) -> dict:
+    """The figures of every ranking: the library's (`measured`, from measure_label_noise) and the
+    others computed here ({"pr": {name: [(P, R) per share]}, "top1_max_class_share", "find_issues",
+    "known_labels", "errors"})."""
     from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
 
     from dart_core import audit as A
@@ -70,63 +68,41 @@ def rankings(pred: str, flipped: set, n_classes: int) -> dict:
     col = {c: j for j, c in enumerate(ids)}
     for key, cid in flipped:
         err[index[key], col[cid]] = True
-    out, extra = {}, {}
-
-    top1 = int(round(SHARES[0] * n_known))
+    n_err = int(err.sum())
+    assert (n_known, n_err) == (measured["known_labels"], measured["errors"]), "library and benchmark count apart"
+    pr, share = {}, {}
+    top1 = int(round(A.NOISE_SHARES[0] * n_known))
 
     def from_matrix(name, susp):
         s = np.where(known, susp, -np.inf).ravel()
         order = np.argsort(-s, kind="stable")[:n_known]
-        extra.setdefault("top1_max_class_share", {})[name] = _max_share((order[:top1] % S.shape[1]).tolist())
-        return err.ravel()[order]
-
-    def from_rows(rows, name=None):
-        rows = [r for r in rows if int(r["label"]) != 0]
-        if name:
-            extra.setdefault("top1_max_class_share", {})[name] = _max_share([r["class_id"] for r in rows[:top1]])
-        return np.array([err[index[r["image_id"]], col[r["class_id"]]] for r in rows])
+        share[name] = A._max_share((order[:top1] % S.shape[1]).tolist())
+        pr[name] = A.precision_recall_at(err.ravel()[order], n_known, n_err)
 
     # before: the old report's two lists, in page order, known labels only
     old = old_audit(pred, top=3, limit=n_known)
-    out["before (report order)"] = from_rows(old["missing"] + old["wrong"], "before (report order)")
+    rows = [r for r in old["missing"] + old["wrong"] if int(r["label"]) != 0]
+    name = "before (report order)"
+    share[name] = A._max_share([r["class_id"] for r in rows[:top1]])
+    pr[name] = A.precision_recall_at([err[index[r["image_id"]], col[r["class_id"]]] for r in rows], n_known, n_err)
     # the old per-label self-confidence of audit_image_quality.sql (score percentile within the class)
     ranks = (np.argsort(np.argsort(S, axis=0, kind="stable"), axis=0)).astype(np.float64)
     pct = ranks / max(1, len(S) - 1)
-    out["percentile self-confidence"] = from_matrix("percentile self-confidence", np.where(Y == 1, 1 - pct, pct))
+    from_matrix("percentile self-confidence", np.where(Y == 1, 1 - pct, pct))
+    for lib_name, name in LIBRARY_ROWS.items():  # each cut on its own list (the capped list depends on its length)
+        cuts = measured["rankings"][lib_name]
+        pr[name] = [(c["precision"], c["recall"]) for c in cuts]
+        share[name] = cuts[0]["max_class_share"]
     P, ok = A.platt(S, Y)
-    for method in ("sql", "cleanlab"):
-        A.score_pairs(con, method)
-        for cap_name, cap in (("", n_known), (" + per-class cap", None)):
-            rows_by_q = {}
-            for q in SHARES:
-                n = int(round(q * n_known))
-                rows_by_q[q] = A.suspicious(con, n, cap if cap is not None else A.default_cap(n, n_classes), 0.0)
-            # the capped list depends on its length: evaluate each cut on its own list
-            name = ("sql (ours; dart audit default)" if method == "sql" else "cleanlab (Platt-calibrated p)") + cap_name
-            out[name] = rows_by_q
     sig = 1 / (1 + np.exp(-S))
-    name = "cleanlab on sigmoid(score), uncalibrated"
-    out[name] = from_matrix(name, A.cleanlab_suspicion(sig, Y, np.ones(S.shape[1], bool)))
+    from_matrix("cleanlab on sigmoid(score), uncalibrated", A.cleanlab_suspicion(sig, Y, np.ones(S.shape[1], bool)))
     labels = [np.flatnonzero(y == 1).tolist() for y in Y]
     issues = find_multilabel_issues_per_class(labels=labels, pred_probs=P)
     M = np.stack(issues, axis=1) if isinstance(issues, list) else np.asarray(issues)
     M &= known
-    extra["find_issues"] = {"flagged": int(M.sum()), "precision": float((M & err).sum() / max(1, M.sum())),
-                            "recall": float((M & err).sum() / max(1, err.sum()))}
-    res = {}
-    for name, v in out.items():
-        if isinstance(v, dict):
-            res[name] = []
-            for q, rows in v.items():
-                e = from_rows(rows)
-                n = int(round(q * n_known))
-                hits = int(e.sum())
-                res[name].append((hits / n, hits / int(err.sum())))
-            extra.setdefault("top1_max_class_share", {})[name] = _max_share([r["class_id"] for r in v[SHARES[0]]])
-        else:
-            res[name] = pr_at(v, n_known, int(err.sum()))
-    extra["known_labels"], extra["errors"] = n_known, int(err.sum())
-    return {"pr": res, **extra}
+    find = {"flagged": int(M.sum()), "precision": float((M & err).sum() / max(1, M.sum())),
+            "recall": float((M & err).sum() / max(1, err.sum()))}
+    return {"pr": pr, "top1_max_class_share": share, "find_issues": find, "known_labels": n_known, "errors": n_err}
 
 
 def first_rows(pred: str, n: int = 100) -> dict:
@@ -147,12 +123,6 @@ def first_rows(pred: str, n: int = 100) -> dict:
     return out
 
 
-def _max_share(classes: list[str]) -> float:
-    from collections import Counter
-
-    return max(Counter(classes).values()) / len(classes) if classes else 0.0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--demo", required=True, help="A finished `dart demo --workdir` folder.")
@@ -167,27 +137,27 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from dart_core.audit import inject_label_errors
+    from dart_core.audit import NOISE_SHARES as SHARES, measure_label_noise
     from flows.annotate import annotate_flow
 
     demo = Path(a.demo).resolve()
     run = json.loads((demo / "predictions" / "dart" / "run.json").read_text())
     ckpt, crg = run["checkpoint"], run.get("crg")
     classes = demo / "shards" / "classes.csv"
-    n_classes = sum(1 for _ in open(classes)) - 1
     seeds = a.seed or [0]
     out = Path(a.out)
     results = {"command": "python benchmarks/label_audit.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "demo": str(demo), "split": a.split, "positive_rate": a.positive_rate,
                "negative_rate": a.negative_rate, "seeds": {}}
+
+    def annotate(noisy: str, pred: str) -> None:
+        annotate_flow(ckpt, noisy, str(classes), pred, crg, top_m=64, batch_size=128, mode="overwrite")
+
     for seed in seeds:
         t0 = time.time()
-        shards = out / f"seed{seed}" / "shards" / a.split
-        shutil.rmtree(shards, ignore_errors=True)
-        flipped = inject_label_errors(demo / "shards" / a.split, shards, seed, a.positive_rate, a.negative_rate)
-        pred = out / f"seed{seed}" / "pred"
-        annotate_flow(ckpt, str(shards), str(classes), str(pred), crg, top_m=64, batch_size=128, mode="overwrite")
-        r = rankings(str(pred), flipped, n_classes)
+        m = measure_label_noise(demo / "shards" / a.split, out / f"seed{seed}", annotate, seed, a.positive_rate,
+                                a.negative_rate, capped=True)
+        r = rankings(m["pred"], m["flipped"], m)
         r["seconds"] = round(time.time() - t0, 1)
         results["seeds"][seed] = r
         print(f"\nseed {seed}: {r['errors']} injected errors among {r['known_labels']} known labels "

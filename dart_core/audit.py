@@ -20,7 +20,8 @@ so "sql" is the default. (On the same probabilities cleanlab's binary self-confi
 1 - p / p: what differs is the calibration curve.) The review
 list (sql/audit_suspicious.sql) keeps at most `per_class_cap` pairs per class (default: 3 times a
 class's fair share of the list), so one class cannot fill it. DuckDB does the joins, filters and
-counts; Python only the per-class fit and cleanlab's scores.
+counts; Python only the per-class fit and cleanlab's scores. measure_label_noise measures both on
+known errors injected into a copy of a shard folder (`dart demo --label-noise`, benchmarks/label_audit.py).
 """
 from __future__ import annotations
 
@@ -266,6 +267,109 @@ def inject_label_errors(src, dst, seed: int, pos_rate: float, neg_rate: float) -
             if side.exists():
                 shutil.copy(side, dst / side.name)
     return flipped
+
+
+# the cuts the figures on known errors are given at: the top 1 / 2 / 5 % of the known labels
+NOISE_SHARES = (0.01, 0.02, 0.05)
+
+
+def precision_recall_at(is_error, n_known: int, n_errors: int,
+                        shares=NOISE_SHARES) -> list[tuple[float | None, float | None]]:
+    """(precision, recall) of the injected errors among the first round(share x n_known) entries of a
+    ranking given as a 0/1 sequence ("is an injected error", most suspicious first), per share. The
+    precision divides by the cut's size (a ranking shorter than the cut misses the rest); None where
+    it is undefined (an empty cut; no errors for the recall)."""
+    e = np.asarray(is_error, dtype=bool)
+    out = []
+    for q in shares:
+        n = int(round(q * n_known))
+        hits = int(e[:n].sum())
+        out.append((hits / n if n else None, hits / n_errors if n_errors else None))
+    return out
+
+
+def noise_figures(pred_dir, flipped, methods=METHODS, shares=NOISE_SHARES, capped: bool = False,
+                  pairs: bool = False) -> dict:
+    """How well the audit finds known label errors: `flipped` are the (sample key, class id) pairs
+    whose label in the prediction folder `pred_dir` is wrong (inject_label_errors). Every known label
+    of a scored image is ranked by each method's suspicion (score_pairs, in the review list's order:
+    sql/audit_suspicious.sql with min_suspicion 0, unlabelled pairs left out); per share q the first
+    round(q x known labels) are flagged. Returns {"known_labels", "errors" (the flipped labels of
+    scored images), "errors_now_present" / "errors_now_absent" (their wrong label), "shares",
+    "rankings": {name: [{"share", "cut", "flagged", "hits", "precision", "recall",
+    "max_class_share"(, "pairs": [[key, class id], ...])} per share]}}; with `capped` each method
+    also as "<method> + per-class cap" (the report's cap: 3 x the cut / classes)."""
+    import pyarrow as pa
+
+    from dart_core.evaluate import connect
+
+    con = connect(pred_dir)
+    flipped = {(str(k), str(c)) for k, c in flipped}
+    con.register("flipped_arrow", pa.table({"image_id": pa.array([k for k, _ in flipped], pa.string()),
+                                             "class_id": pa.array([c for _, c in flipped], pa.string())}))
+    known_sql = ("FROM labels l JOIN vocab v USING (class_id) JOIN (SELECT DISTINCT shard, image_id FROM scores) s "
+                 "ON s.shard = l.shard AND s.image_id = l.image_id")
+    n_known = con.execute(f"SELECT count(*) {known_sql}").fetchall()[0][0]
+    n_err, n_now_pos = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE l.label = 1) {known_sql} "
+        "JOIN flipped_arrow f ON f.image_id = l.image_id AND f.class_id = l.class_id").fetchall()[0]
+    n_classes = con.execute("SELECT count(*) FROM vocab").fetchall()[0][0]
+    con.unregister("flipped_arrow")
+    out = {"known_labels": int(n_known), "errors": int(n_err), "errors_now_present": int(n_now_pos),
+           "errors_now_absent": int(n_err - n_now_pos), "shares": list(shares), "rankings": {}}
+    for method in methods:
+        score_pairs(con, method)
+        con.execute("DELETE FROM pair_scores WHERE label = 0")  # measured on the known labels only
+        for cap_name in ("", " + per-class cap") if capped else ("",):
+            cuts = []
+            for q in shares:
+                n = int(round(q * n_known))
+                rows = suspicious(con, n, default_cap(n, n_classes) if cap_name else max(1, n), 0.0) if n else []
+                flags = [(r["image_id"], r["class_id"]) for r in rows]
+                hits = sum(f in flipped for f in flags)
+                (p, r), = precision_recall_at([f in flipped for f in flags], n_known, n_err, (q,))
+                cut = {"share": q, "cut": n, "flagged": len(flags), "hits": hits, "precision": p, "recall": r,
+                       "max_class_share": _max_share([c for _, c in flags])}
+                if pairs:
+                    cut["pairs"] = [list(f) for f in flags]
+                cuts.append(cut)
+            out["rankings"][method + cap_name] = cuts
+    return out
+
+
+def _max_share(items: list) -> float:
+    """The largest share one value has of `items` (0 for none)."""
+    from collections import Counter
+
+    return max(Counter(items).values()) / len(items) if items else 0.0
+
+
+def measure_label_noise(shards, out, annotate, seed: int = 0, pos_rate: float = 0.03, neg_rate: float | None = None,
+                        methods=METHODS, shares=NOISE_SHARES, capped: bool = False, pairs: bool = False) -> dict:
+    """Inject known label errors into a copy of the local shard folder `shards` (OUT/shards/<its
+    name>, replaced: inject_label_errors with `seed`, `pos_rate` of the known positives dropped,
+    `neg_rate` (default: pos_rate) of the known negatives turned positive), annotate the copy into
+    OUT/pred with `annotate(noisy_shards, pred_dir)` (the caller's: the `annotate` flow with a trained
+    checkpoint), and measure the audit on the known errors (noise_figures). Returns noise_figures'
+    dict plus "seed", "positive_rate", "negative_rate", "injected" (pairs flipped; "errors" counts
+    those of scored images), "shards", "pred", "seconds", and "flipped" (the set of (sample key,
+    class id) pairs: not JSON). Used by `dart demo --label-noise` and benchmarks/label_audit.py."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    t0 = time.time()
+    neg_rate = pos_rate if neg_rate is None else neg_rate
+    out = Path(out)
+    noisy = out / "shards" / Path(shards).name
+    shutil.rmtree(noisy, ignore_errors=True)
+    flipped = inject_label_errors(shards, noisy, seed, pos_rate, neg_rate)
+    pred = out / "pred"
+    annotate(str(noisy), str(pred))
+    res = noise_figures(str(pred), flipped, methods, shares, capped, pairs)
+    return {"seed": seed, "positive_rate": pos_rate, "negative_rate": neg_rate, "injected": len(flipped),
+            **res, "shards": str(noisy), "pred": str(pred), "seconds": round(time.time() - t0, 1),
+            "flipped": flipped}
 
 
 # ---- the samples behind the rows: original files and pictures -------------------------------------

@@ -4,7 +4,8 @@ generate -> shard -> pretrain the small VLP (cached) -> CRG (mined from an OpenA
 endpoint if one is configured; otherwise the world's own relations stand in for the LLM's, and the
 text-similarity CRG is mined as the paper's "Sim." ablation) -> train DART (one run per training
 seed) -> annotate (DART and the frozen VLP's zero-shot baseline) -> evaluate (SQL) + localization
--> audit. Tasks pass paths.
+-> audit (-> with `label_noise`, the audit measured on errors injected into a copy of the test split:
+label_noise_audit). Tasks pass paths.
 """
 from __future__ import annotations
 
@@ -176,7 +177,8 @@ def seed_statistics(runs: list[dict]) -> dict:
 @flow(name="demo")
 def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, seed: int = 0, vlp_steps: int = 300,
               epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None,
-              train_seeds: list[int] | None = None, batch_size: int = DEMO_TRAIN["batch_size"]) -> dict:
+              train_seeds: list[int] | None = None, batch_size: int = DEMO_TRAIN["batch_size"],
+              label_noise: float = 0.0) -> dict:
     from flows.annotate import annotate_flow
     from flows.crg import MineOptions, run_mining
     from flows.evaluate import audit_flow, evaluate_flow
@@ -236,9 +238,51 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
             results[name] = run_variant(name, wd, shards, classes, path, vlp, mcfg, dict(train_cfg, seed=train_seeds[0]),
                                         csrc)
     results["report"] = audit_flow(results["dart"]["pred"], str(wd / "report"))
+    if label_noise:
+        results["label_noise"] = label_noise_audit(wd, shards, classes, results["dart"]["checkpoint"], crg, label_noise,
+                                                   seed)
     results["seconds"] = round(time.time() - t0, 1)
     (wd / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
+
+
+def label_noise_audit(workdir: Path, shards: str, classes: str, checkpoint: str, crg: str | None, share: float,
+                      seed: int) -> dict:
+    """`dart demo --label-noise SHARE`: `share` of the test split's known positives dropped and of its
+    known negatives turned positive (chosen by `seed`) in a copy of its shards (WORKDIR/label_noise/
+    shards/test), annotated with the trained DART (WORKDIR/label_noise/pred), and the audit's sql and
+    cleanlab rankings measured on those known errors: dart_core.audit.measure_label_noise, the
+    function benchmarks/label_audit.py runs too. Returns its figures (JSON-ready)."""
+    from dart_core.audit import measure_label_noise
+    from flows.annotate import annotate_flow
+
+    def annotate(noisy: str, pred: str) -> None:
+        annotate_flow(checkpoint, noisy, classes, pred, crg, top_m=64, batch_size=128, mode="overwrite")
+
+    res = measure_label_noise(f"{shards}/test", Path(workdir) / "label_noise", annotate, seed=seed, pos_rate=share,
+                              neg_rate=share)
+    res.pop("flipped")
+    return res
+
+
+def format_label_noise(r: dict) -> str:
+    """The label-noise table: precision / recall of the flagged labels at the top 1 / 2 / 5 % of the
+    known labels, per ranking, and the best any ranking can do with that many errors."""
+    def cell(p, rec):
+        return " / ".join("—" if v is None else f"{v:.2f}" for v in (p, rec))
+
+    names = {"sql": "sql (dart audit default)", "cleanlab": "cleanlab"}
+    lines = [f"label noise: {r['positive_rate']:.0%} of the test split's known positives dropped, "
+             f"{r['negative_rate']:.0%} of its negatives turned positive (seed {r['seed']}): "
+             f"{r['errors']:,} errors among {r['known_labels']:,} known labels",
+             f"{'ranking':<26}" + "".join(f"{f'top {q:.0%} P / R':>16}" for q in r["shares"])]
+    for name, cuts in r["rankings"].items():
+        lines.append(f"{names.get(name, name):<26}" + "".join(f"{cell(c['precision'], c['recall']):>16}" for c in cuts))
+    e = r["errors"]
+    best = [cell(min(c["cut"], e) / c["cut"] if c["cut"] else None, min(c["cut"], e) / e if e else None)
+            for c in next(iter(r["rankings"].values()))]
+    lines.append(f"{'best possible':<26}" + "".join(f"{b:>16}" for b in best))
+    return "\n".join(lines)
 
 
 ROW_LABELS = {"no_arm": "DART without ARM", "no_wps": "DART without WPS", "no_atm": "DART without ATM",

@@ -8,12 +8,12 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
-    from flows.demo import demo_flow, format_results
+    from flows.demo import demo_flow, format_label_noise, format_results
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     res = demo_flow(str(tmp_path / "demo"), n_train=160, n_test=60, vlp_steps=10, epochs=2, batch_size=32,
-                    train_seeds=[0, 1])
+                    train_seeds=[0, 1], label_noise=0.05)
     assert res["crg_source"] == "world"  # no endpoint: the world's relations stand in for the LLM's
     st = res["dart_seeds"]
     assert st["runs"] == 2 and set(st["mean"]) == set(st["spread"]) and 0 <= st["spread"]["zsl_mAP"] <= 1
@@ -31,6 +31,13 @@ def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["dart"]["checkpoint"].endswith("model.pt")
     table = format_results(res)
     assert "DART, mean of 2 seeds" in table and "seen mAP" in table
+    # --label-noise: 5 % of the test split's 60 x 30 labels flipped in a copy, annotated and audited
+    noise = res["label_noise"]
+    assert noise["known_labels"] == 1800 and noise["errors"] == noise["injected"] in (89, 90, 91)  # rounded per sign
+    assert set(noise["rankings"]) == {"sql", "cleanlab"}
+    assert [c["cut"] for c in noise["rankings"]["sql"]] == [18, 36, 90]
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["label_noise"]["errors"] == noise["errors"]
+    assert "best possible" in format_label_noise(noise)
 
 
 def test_demo_variant_is_retrained_when_its_inputs_change(tmp_path):
