@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dart_core.arm import ARM
-from dart_core.atm import ATM
+from dart_core.atm import ATM, NeighbourTable
 from dart_core.backbone import FrozenBackbone
 
 
@@ -125,6 +125,9 @@ class DART(nn.Module):
         self.scale = self.backbone.logit_scale
         self.register_buffer("text", torch.zeros(0, D), persistent=False)
         self.register_buffer("edge_index", torch.zeros(2, 0, dtype=torch.long), persistent=False)
+        # the same graph as the ATM consumes it: each class's in-edges as a dense table (atm.py)
+        self.register_buffer("graph_index", torch.zeros(0, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("graph_mask", torch.zeros(0, 1, dtype=torch.bool), persistent=False)
         self.class_names: list[str] = []
         self.mm_candidates = cfg.mm_candidates
         self.to(device)
@@ -143,6 +146,7 @@ class DART(nn.Module):
             raise ValueError(f"edge_index refers to class {int(edge_index.max())} but there are {C} classes")
         self.text = F.normalize(t.to(device).float(), dim=-1)
         self.edge_index = edge_index.to(device)
+        self.graph_index, self.graph_mask = NeighbourTable.from_edge_index(self.edge_index, C)
         self.class_names = list(names)
 
     # ---- parameters ---------------------------------------------------------
@@ -171,18 +175,22 @@ class DART(nn.Module):
                 h.update(t.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    @property
+    def graph(self) -> NeighbourTable:
+        return NeighbourTable(self.graph_index, self.graph_mask)
+
     # ---- forward ------------------------------------------------------------
     def _text_atm(self) -> torch.Tensor:
         """Text-ATM output h_txt: it depends on the vocabulary and the weights, not on the images,
         so without gradients it is computed once and reused until the text, the graph or a Text-ATM
         weight changes (every in-place update bumps a tensor's version counter)."""
         if torch.is_grad_enabled():
-            return self.atm.text(self.text, self.edge_index)
-        key = (self.text.data_ptr(), self.text._version, self.edge_index.data_ptr(), self.edge_index._version,
+            return self.atm.text(self.text, self.graph)
+        key = (self.text.data_ptr(), self.text._version, self.graph_index.data_ptr(), self.graph_index._version,
                tuple(p._version for p in self.atm.text_layers.parameters()))
         cached = getattr(self, "_h_txt_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, self.atm.text(self.text, self.edge_index))
+            cached = (key, self.atm.text(self.text, self.graph))
             self._h_txt_cache = cached
         return cached[1]
 
@@ -208,12 +216,21 @@ class DART(nn.Module):
         if self.text.shape[0] == 0:
             raise RuntimeError("call set_classes() before scoring")
         n_blocks = self.cfg.arm_layers if self.arm is not None else 0
+        # The frozen backbone and the ARM's transformer layers run under the caller's autocast
+        # (bf16 on a GPU); everything after them runs in fp32: in bf16, scores at scale 100 come in
+        # steps of 0.125 (ties, coarse thresholds and top-K) and the ATM's softmaxes lose precision.
         feats = self.backbone.forward_features(images, n_blocks)
+        delta = self.arm(feats) if self.arm is not None else None
+        with torch.autocast(images.device.type, enabled=False):
+            return self._head(feats, delta, with_priors)
+
+    def _head(self, feats, delta: torch.Tensor | None, with_priors: bool) -> DARTOutput:
+        """Scores from the backbone's features and the ARM's refinement, in fp32."""
         x_orig = feats.patch_features.float()
         t = self.text
         s = self.scale
-        if self.arm is not None:
-            delta = self.arm(feats).float()
+        if delta is not None:
+            delta = delta.float()
             x_ref = x_orig + delta  # x̃ = x_orig + Δx̃
         else:
             delta = torch.zeros_like(x_orig)
@@ -232,13 +249,13 @@ class DART(nn.Module):
             # classes outside an image's top-M keep their pre-ATM score s·cos(x_vis, t_c)
             logits = s * torch.einsum("bcd,cd->bc", F.normalize(x_vis, dim=-1), t)
             cand = logits.topk(M, dim=1).indices
-            h = self.atm.multimodal_candidates(x_vis, h_txt, self.edge_index, cand)
+            h = self.atm.multimodal_candidates(x_vis, h_txt, self.graph, cand)
             cand_logits = s * (F.normalize(h, dim=-1) * t[cand]).sum(-1)
             logits = logits.scatter(1, cand, cand_logits)
         else:
             if self.atm is not None:
                 h_txt = self._text_atm()
-                h = self.atm.multimodal(self.atm.fuse(x_vis, h_txt), self.edge_index)
+                h = self.atm.multimodal(self.atm.fuse(x_vis, h_txt), self.graph)
             else:
                 h = x_vis
             logits = s * torch.einsum("bcd,cd->bc", F.normalize(h, dim=-1), t)  # ŷ_c = s·cos(h^(c), t_c)

@@ -150,14 +150,14 @@ def test_bounded_mm_atm_equals_exact_when_candidates_cover_all(tiny_model):
         exact = tiny_model(x).logits
         # the candidate path with every class as a candidate, in a scrambled order per image
         t = tiny_model.text
-        h_txt = tiny_model.atm.text(t, tiny_model.edge_index)
+        h_txt = tiny_model.atm.text(t, tiny_model.graph)
         out = tiny_model(x)
         feats = tiny_model.backbone.forward_features(x, tiny_model.cfg.arm_layers)
         x_ref = torch.nn.functional.normalize(feats.patch_features + tiny_model.arm(feats), dim=-1)
         g = torch.nn.functional.normalize(feats.global_feature, dim=-1)
         x_vis = tiny_model.class_attentive(x_ref, g, out.topk)
         cand = torch.stack([torch.randperm(C) for _ in range(3)])
-        h = tiny_model.atm.multimodal_candidates(x_vis, h_txt, tiny_model.edge_index, cand)
+        h = tiny_model.atm.multimodal_candidates(x_vis, h_txt, tiny_model.graph, cand)
         scores = tiny_model.scale * (torch.nn.functional.normalize(h, dim=-1) * t[cand]).sum(-1)
         assert torch.allclose(torch.zeros_like(exact).scatter(1, cand, scores), exact, atol=1e-4)
         # with fewer candidates, the top candidates are rescored and the rest keep the pre-ATM score
@@ -183,7 +183,7 @@ def test_text_atm_cache_follows_weights_and_vocabulary(tiny_model):
         b = tiny_model(x).logits
     assert not torch.allclose(a, b)
     with torch.no_grad():
-        ref = tiny_model.atm.text(tiny_model.text, tiny_model.edge_index)
+        ref = tiny_model.atm.text(tiny_model.text, tiny_model.graph)
         assert torch.equal(tiny_model._text_atm(), ref)
     tiny_model.set_classes(NAMES[:3])
     with torch.no_grad():
