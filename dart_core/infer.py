@@ -279,11 +279,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
         with torch.inference_mode(), autocast:
             out = model(images, with_priors=zero_shot)
         logits = out.zero_shot if zero_shot else out.logits
-        patch_logits = (out.prior_logits if zero_shot else out.patch_logits).float().cpu()
-        if zero_shot:
-            topk = patch_logits.topk(out.topk.shape[2], dim=1).indices.transpose(1, 2)
-        else:
-            topk = out.topk.cpu()  # (B, C, K), best patch first
+        patch_logits = out.prior_logits if zero_shot else out.patch_logits  # (B, P, C), stays on the device
         # every table carries the same float16-rounded score, so thresholds calibrated on scores/
         # and the tags' above_threshold / rank agree exactly
         scores = logits.float().cpu().numpy().astype(np.float16).astype(np.float32)
@@ -311,7 +307,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
         tb, j = np.nonzero(chosen)
         tc = order[tb, j]
         tag_scores = scores[tb, tc]
-        patches = topk.numpy()[tb, tc]  # (tags, K), best patch first
+        patches, patch_scores = tag_patches(out, patch_logits, tb, tc, zero_shot)
         t = rows["tags"]
         t["image_id"] += [keys[b] for b in tb]
         t["class_id"] += [ids[c] for c in tc]
@@ -325,7 +321,7 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
             th = thresholds[tc]
             t["above_threshold"] += [None if np.isnan(x) else bool(a) for x, a in zip(th, tag_scores >= th)]
         t["patches"] += list(patches.astype(np.int16))
-        t["patch_scores"] += list(patch_logits.numpy()[tb[:, None], patches, tc[:, None]].astype(np.float16))
+        t["patch_scores"] += list(patch_scores.astype(np.float16))
     counts = {name: _write_table(rows[name], name, stage / name / "part.parquet") for name in TABLES}
     for name in TABLES:  # publish each part whole at its fixed key: a rename locally, one upload on S3
         check_interrupt()
@@ -335,6 +331,21 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     storage.write_bytes(done, json.dumps(stats).encode())  # last: the shard is finished
     _drop_staging(pred_dir, stage)
     return stats
+
+
+def tag_patches(out, patch_logits: torch.Tensor, tb: np.ndarray, tc: np.ndarray,
+                zero_shot: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen tags' (image tb, class tc) top-K patches, best first, and their patch scores,
+    (tags, K) each. Chosen on the model's device: only these leave it, not the (B, P, C) patch
+    scores (381 MB per batch of 64 at 7,586 classes)."""
+    dev = patch_logits.device
+    b, c = torch.from_numpy(tb).to(dev), torch.from_numpy(tc).to(dev)
+    if zero_shot:  # the VLP's own evidence: each tag's top-K patches by S*
+        patches = patch_logits[b, :, c].topk(out.topk.shape[2], dim=1).indices
+    else:
+        patches = out.topk[b, c]  # the patches DART aggregated for the class
+    scores = patch_logits[b.unsqueeze(1), patches, c.unsqueeze(1)]
+    return patches.cpu().numpy(), scores.float().cpu().numpy()
 
 
 def _staging_dir(pred_dir: str | Path, sid: str) -> Path:

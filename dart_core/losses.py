@@ -5,52 +5,45 @@ import torch
 import torch.nn.functional as F
 
 
+def pairwise_hinge(scores: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                   margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of `scores` (N, M): Σ over (negative i, positive j) of relu(margin + s_i - s_j),
+    and the number of violating pairs (margin + s_i - s_j > 0); `pos`, `neg` bool masks (N, M).
+
+    Without the (N, M, M) pair tensor and without a data-dependent shape (no host sync): per row
+    the negatives' scores are sorted once, and each positive's violators (s_i > s_j - margin) are a
+    suffix found by searchsorted, whose sum is a suffix sum — O(N·M log M), exact."""
+    M = scores.shape[1]
+    # non-negatives sit below every threshold s_j - margin, so no suffix ever includes them
+    floor = scores.detach().min() - abs(margin) - 1.0
+    neg_sorted, _ = torch.where(neg, scores, floor).sort(dim=1)  # ascending, (N, M)
+    suffix = torch.cat([neg_sorted.flip(1).cumsum(1).flip(1), torch.zeros_like(scores[:, :1])], dim=1)  # (N, M+1)
+    threshold = (scores - margin).detach().contiguous()
+    first = torch.searchsorted(neg_sorted.detach().contiguous(), threshold, right=True)  # (N, M)
+    count = (M - first).to(scores.dtype) * pos  # violators of each positive j
+    hinge = (count * (margin - scores) + suffix.gather(1, first) * pos).sum(1)
+    return hinge, count.sum(1)
+
+
 def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Pairwise hinge ranking loss (L_clsf of Eq. 1, following MKT).
 
     Per image: sum over (negative i, positive j) of relu(margin + s_i - s_j), divided by the number
-    of violating pairs (0 when none); mean over all images. Unknown labels take no part."""
-    neg = (labels == -1).to(scores.dtype)
-    # Gather each image's positives into a padded (B, Pmax) block: images carry few positives, so
-    # (B, C, Pmax) stays small where a (B, C, C) pair matrix would not at Open Images' 7k classes.
-    is_pos = labels == 1
-    n_pos = is_pos.sum(dim=1)
-    p_max = max(int(n_pos.max()) if n_pos.numel() else 0, 1)
-    order = torch.argsort(is_pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :p_max]
-    pos_scores = scores.gather(1, order)  # (B, Pmax)
-    pos_valid = (torch.arange(p_max, device=scores.device).unsqueeze(0) < n_pos.unsqueeze(1)).to(scores.dtype)
-    diff = margin + scores.unsqueeze(2) - pos_scores.unsqueeze(1)  # [b, i, j] = m + s_i - s_j
-    pair = neg.unsqueeze(2) * pos_valid.unsqueeze(1)
-    hinge = F.relu(diff) * pair
-    violating = ((diff > 0).to(scores.dtype) * pair).sum(dim=(1, 2))
-    per_image = hinge.sum(dim=(1, 2)) / violating.clamp(min=1)
-    return per_image.mean()
+    of violating pairs (0 when none); mean over all images. Unknown labels take no part.
+    scores, labels (B, C) -> scalar."""
+    hinge, violating = pairwise_hinge(scores, labels == 1, labels == -1, margin)
+    return (hinge / violating.clamp(min=1)).mean()
 
 
 def class_ranking_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """The same pairwise hinge across images instead of across classes: for each class, the sum over
     (negative image i, positive image j) of relu(margin + s_i - s_j) divided by the number of
     violating pairs (0 when none); mean over the classes that have both a positive and a negative in
-    the batch. It ranks each class's images, which is what mAP measures.
-
-    Computed without the (C, B, B) pair tensor: per class the negatives' scores are sorted once, and
-    each positive's violators (s_i > s_j - margin) are a suffix found by searchsorted, whose sum is a
-    suffix sum — O(C·B log B) memory-light, exact (tested against the pairwise form)."""
-    s = scores.t()  # (C, B)
+    the batch. It ranks each class's images, which is what mAP measures. scores, labels (B, C)."""
     pos, neg = labels.t() == 1, labels.t() == -1
-    n_neg, n_pos = neg.sum(1), pos.sum(1)
-    # non-negatives sit below every threshold s_j - margin, so no suffix ever includes them
-    floor = s.detach().min() - abs(margin) - 1.0
-    neg_sorted, _ = torch.where(neg, s, floor).sort(dim=1)  # ascending, (C, B)
-    suffix = torch.cat([neg_sorted.flip(1).cumsum(1).flip(1), torch.zeros_like(s[:, :1])], dim=1)  # (C, B+1)
-    threshold = (s - margin).detach().contiguous()
-    first = torch.searchsorted(neg_sorted.detach().contiguous(), threshold, right=True)  # (C, B)
-    count = (s.shape[1] - first).to(s.dtype) * pos  # violators of each positive j
-    hinge = (count * (margin - s) + suffix.gather(1, first) * pos).sum(1)
-    violating = count.sum(1)
-    valid = (n_pos > 0) & (n_neg > 0)
-    per_class = hinge / violating.clamp(min=1)
-    return per_class[valid].sum() / valid.sum().clamp(min=1)
+    hinge, violating = pairwise_hinge(scores.t(), pos, neg, margin)
+    valid = (pos.any(1) & neg.any(1)).to(scores.dtype)  # a mask, not an index: no host sync
+    return (hinge / violating.clamp(min=1) * valid).sum() / valid.sum().clamp(min=1)
 
 
 def responsibilities(patch_logits: torch.Tensor, resp_scale: float = 1.0) -> torch.Tensor:
@@ -155,12 +148,18 @@ def loss_terms(out, labels: torch.Tensor, lam: float, cfg) -> dict[str, tuple[fl
     return terms
 
 
+def weighted_total(terms: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ weight × term over `loss_terms`, and the unweighted terms then the total as one detached
+    fp32 vector on the device (read it when needed: no host sync here)."""
+    loss = sum(w * t for w, t in terms.values())
+    stats = torch.stack([t.detach().float() for _, t in terms.values()] + [loss.detach().float()])
+    return loss, stats
+
+
 def weighted_sum(terms: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
     """Σ weight × term over `loss_terms`, and each unweighted term (and the total) as floats."""
-    loss = sum(w * t for w, t in terms.values())
-    parts = {name: float(t.detach()) for name, (_, t) in terms.items()}
-    parts["total"] = float(loss.detach())
-    return loss, parts
+    loss, stats = weighted_total(terms)
+    return loss, dict(zip([*terms, "total"], stats.tolist()))
 
 
 def total_loss(out, labels: torch.Tensor, lam: float, cfg) -> tuple[torch.Tensor, dict[str, float]]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dart_core.checkpoint import backbone_change, check_vocabulary, read_checkpoint, save_checkpoint
-from dart_core.losses import loss_terms, weighted_sum
+from dart_core.losses import loss_terms, weighted_total
 from dart_core.model import DART
 from dart_core.vocab import Vocabulary
 
@@ -75,15 +75,51 @@ def is_gate(name: str) -> bool:
     return name == "patch_gate" or name.endswith(".gamma")
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world) — initialises the process group when launched by torchrun with WORLD_SIZE > 1."""
+def backend_for(device: str | torch.device) -> str:
+    """NCCL for ranks on CUDA devices, gloo for ranks on the CPU (whether or not a GPU exists);
+    DART_DIST_BACKEND overrides (gloo lets two ranks share one GPU, which NCCL refuses)."""
+    return os.environ.get("DART_DIST_BACKEND") or ("nccl" if torch.device(device).type == "cuda" else "gloo")
+
+
+def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
+    """(rank, world) — initialises the process group when launched by torchrun with WORLD_SIZE > 1,
+    with the backend that fits `device`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend_for(device))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_device(device: str, log=print) -> str:
+    """The device of this process: under torchrun (WORLD_SIZE > 1) a CUDA device is always the
+    rank's own, cuda:LOCAL_RANK, whatever index was asked for (every rank on cuda:0 would share one
+    GPU); elsewhere `device` as given."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.device(device).type != "cuda":
+        return device
+    local = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device not in ("cuda", local):
+        log(f"--device {device} under torchrun: this rank uses {local} (one GPU per rank)")
+    torch.cuda.set_device(local)
+    return local
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (NCCL warns about, and may hang on, a group never destroyed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def read_resume_state(path: Path, rank: int, world: int) -> dict | None:
+    """The resume checkpoint as rank 0 reads it, broadcast to every rank: all ranks resume from the
+    same step even if `last.pt` changes between their reads (a slow shared disk, a concurrent write)."""
+    doc = read_checkpoint(path) if rank == 0 and path.exists() else None
+    if world > 1:
+        box = [doc]
+        dist.broadcast_object_list(box, src=0)
+        doc = box[0]
+    return doc
 
 
 def term_diagnostics(model: DART, terms: dict, out) -> dict[str, float]:
@@ -144,7 +180,7 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
     left with those weights; last.pt is always the latest state (for resume)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # epochs=0 writes the untrained model (a baseline)
-    rank, world = init_distributed()
+    rank, world = init_distributed(device)
     device = torch.device(device)
     if steps_per_epoch is None:
         try:
@@ -167,8 +203,8 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], None
     last, best_path = out_dir / "last.pt", out_dir / "model.pt"
-    if last.exists():  # resume after a crash or a stop
-        doc = read_checkpoint(last)
+    doc = read_resume_state(last, rank, world)
+    if doc is not None:  # resume after a crash or a stop
         check_vocabulary(doc, vocab, str(last), exact=True)
         # the backbone weights are compared by content (a file may be named differently now)
         if {**doc["config"], "pretrained": None} != {**model.cfg.to_dict(), "pretrained": None}:
@@ -185,7 +221,10 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             log(f"resumed from {last} at step {step}/{total}")
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the buffers (text embeddings, class graph) are set identically on every rank and never
+        # change while training: no re-broadcast every step
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
     def checkpoint(epoch_done: int) -> None:
@@ -193,6 +232,8 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             save_checkpoint(last, model, vocab, {"optimizer": opt.state_dict(), "step": step, "epoch": epoch_done,
                                                  "train_config": asdict(cfg), "history": json.dumps(history),
                                                  "best_val": best})
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of (or stops before) the checkpoint it would resume from
 
     def validate(epoch_done: int) -> None:
         """Rank 0 scores the whole validation set (the other ranks go on to the next collective)."""
@@ -212,6 +253,33 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
         history.append({"epoch": epoch_done, "step": step, "val_seen_mAP": score, "best": improved})
         note = "best" if improved else f"best {100 * best['mAP']:.2f} at epoch {best['epoch']}"
         log(f"epoch {epoch_done}/{cfg.epochs} validation seen mAP {100 * score:.2f} ({note})")
+
+    pending: list[tuple[dict, torch.Tensor]] = []
+    names: list[str] = []  # the loss terms' names, then "total" (the columns of the pending vectors)
+
+    def flush() -> dict[str, float]:
+        """The pending steps' loss terms and gradient norms into `history`, with one host sync (and,
+        under DDP, one all-reduce: the logged total is the global-batch mean, as one process would
+        see it); a non-finite loss stops training here, before any checkpoint is written."""
+        if not pending:
+            return {}
+        stacked = torch.stack([v for _, v in pending])  # (steps, terms + total + grad_norm)
+        if world > 1:
+            total_col = stacked[:, len(names) - 1].clone()
+            dist.all_reduce(total_col)
+            stacked[:, len(names) - 1] = total_col / world
+        rows = stacked.tolist()
+        for (rec, _), row in zip(pending, rows):
+            parts = dict(zip(names, row))
+            if not math.isfinite(parts["total"]):
+                pending.clear()
+                raise NonFiniteLossError(
+                    f"loss is {parts['total']} at epoch {rec['epoch']} step {rec['step'] - 1} ({parts}); training "
+                    f"stopped. The last good checkpoint is {last if last.exists() else 'not written yet'}.")
+            history.append({**{k: rec[k] for k in ("step", "epoch", "lr", "lambda")}, "grad_norm": row[-1],
+                            **parts, **{k: v for k, v in rec.items() if k not in ("step", "epoch", "lr", "lambda")}})
+        pending.clear()
+        return parts
 
     val_requested = val_data is not None
     if val_data is not None and step == 0 and best is None:
@@ -235,37 +303,37 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             watch = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == total
             with autocast:
                 out = ddp(images)
-                terms = loss_terms(out, labels, lam, model.cfg)
-                loss, parts = weighted_sum(terms)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch + 1} step {step} ({parts}); training stopped. "
-                    f"The last good checkpoint is {last if last.exists() else 'not written yet'}.")
+            # the losses in fp32, outside autocast (the model's scores already are fp32)
+            terms = loss_terms(out, labels, lam, model.cfg)
+            loss, stats = weighted_total(terms)
+            names[:] = [*terms, "total"]
             diag = term_diagnostics(model, terms, out) if watch else {}
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
             opt.step()
-            if world > 1:  # the logged loss is the global-batch mean, as one process would see it
-                t = torch.tensor([parts["total"]], device=device)
-                dist.all_reduce(t)
-                parts["total"] = float(t) / world
             step += 1
             n_in_epoch += 1
-            rec = {"step": step, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam,
-                   "grad_norm": float(grad_norm), **parts, **diag}
-            history.append(rec)
-            if rank == 0 and watch:
-                terms_txt = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
-                # a term that cannot reach a module (WPS, penalty on the ATM) is left out of the line
-                grads_txt = " ".join(f"{k[5:]} {v:.2g}" for k, v in diag.items() if k.startswith("grad_") and v)
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} {terms_txt} | grad {grads_txt} | "
-                    f"|Δx̃|/|x| {diag.get('delta_rel', 0):.3f} α {diag.get('alpha', 0):.3f} lr {rec['lr']:.2e} "
-                    f"λ {lam:.2f} | {progress(step - step0, total - step, time.time() - t0, len(labels) * world)}")
+            # the step's figures stay on the device until the next log line or checkpoint: reading
+            # them every step would stall the GPU on a host sync each step
+            pending.append(({"step": step, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam, **diag},
+                            torch.cat([stats, grad_norm.detach().float().reshape(1).to(stats.device)])))
+            if watch:
+                parts = flush()
+                if rank == 0:
+                    terms_txt = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+                    # a term that cannot reach a module (WPS, penalty on the ATM) is left out of the line
+                    grads_txt = " ".join(f"{k[5:]} {v:.2g}" for k, v in diag.items() if k.startswith("grad_") and v)
+                    log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} {terms_txt} | grad {grads_txt} | "
+                        f"|Δx̃|/|x| {diag.get('delta_rel', 0):.3f} α {diag.get('alpha', 0):.3f} "
+                        f"lr {history[-1]['lr']:.2e} λ {lam:.2f} | "
+                        f"{progress(step - step0, total - step, time.time() - t0, len(labels) * world)}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                flush()
                 checkpoint(epoch)
         if n_in_epoch + skip < steps_per_epoch and step < total:
             raise ValueError(f"the data gave {n_in_epoch + skip} batches in epoch {epoch + 1}, expected {steps_per_epoch}")
+        flush()
         validate(epoch + 1)
         checkpoint(epoch + 1)
     if rank == 0:
@@ -343,20 +411,30 @@ def class_graph(vocab: Vocabulary, text: torch.Tensor, crg_path: str | Path | No
 
 def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, train_cfg: TrainConfig,
                     n_samples: int, crg_path=None, crg_source: str = "file", device: str = "cpu",
-                    num_workers: int = 0, log=print, val_shards: str | None = None) -> Path:
+                    num_workers: int | None = 0, log=print, val_shards: str | None = None) -> Path:
     """`dart train`: DART on webdataset shards (seen classes only, as in OV-MLR training).
 
     Validation (the seen-class mAP that picks the saved epoch): `val_shards` when given, else a
     slice held out of the training shards — the samples whose key hashes below `val_share`, taken
     from as many of the first shards as give about min(val_share × samples, val_max)."""
-    from dart_core.data.reader import list_shards, make_loader
-    from dart_core.model import DART
-
     if not model_cfg.pretrained:
         from dart_core.backbone import BackboneError
 
         raise BackboneError(RANDOM_BACKBONE_REFUSED)
-    rank, world = init_distributed()
+    device = rank_device(device, log)
+    rank, world = init_distributed(device)
+    try:
+        return _train_on_shards(shards, vocab, out_dir, model_cfg, train_cfg, n_samples, crg_path, crg_source,
+                                device, num_workers, log, val_shards, rank, world)
+    finally:
+        shutdown_distributed()
+
+
+def _train_on_shards(shards, vocab, out_dir, model_cfg, train_cfg, n_samples, crg_path, crg_source, device,
+                     num_workers, log, val_shards, rank, world) -> Path:
+    from dart_core.data.reader import list_shards, make_loader
+    from dart_core.model import DART
+
     # The trainable modules' initial weights come from torch's global RNG: seed it here, or a run
     # depends on whatever the process drew before (the demo's ablations differed by ~1 mAP).
     torch.manual_seed(train_cfg.seed)
@@ -395,7 +473,13 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
     else:
         val_note = "no validation (model.pt = the last epoch)"
     n_train = n_samples - n_val
+    if num_workers is None:  # decoding beside a GPU needs processes; on the CPU they would compete with it
+        num_workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if torch.device(device).type == "cuda" else 0
     if rank == 0:
+        from dart_core.devices import unused_gpu_note
+
+        if unused_gpu_note(device):
+            log(f"warning: {unused_gpu_note(device)}")
         log(f"DART on {model_cfg.backbone}/{model_cfg.pretrained}: {counts['trainable']:,} trainable of "
             f"{counts['total']:,} parameters; {len(seen)} seen classes, {n_train} training samples; {val_note}")
     steps = n_train // (bs * world)
@@ -403,7 +487,7 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
         raise ValueError(f"{n_train} training samples are fewer than one global batch of "
                          f"{bs * world} (--batch-size {bs} per process × {world}); lower --batch-size")
     loader = make_loader(urls, seen, pre, bs, train=True, num_workers=num_workers, seed=train_cfg.seed,
-                         holdout=holdout, corrections=fixes)
+                         holdout=holdout, corrections=fixes, pin_memory=torch.device(device).type == "cuda")
     fit(model, RepeatingBatches(loader, steps), seen, out_dir, train_cfg, steps_per_epoch=steps,
         device=device, log=log, val_data=val_loader)
     return Path(out_dir) / "model.pt"

@@ -43,7 +43,9 @@ def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, devi
     key = (checkpoint, ck, classes_csv, file_hash(classes_csv), crg, file_hash(crg), device, mm_candidates)
     with _models_lock:
         if key not in _models:
-            _models.clear()
+            # one model per device: threads placed on different GPUs each keep theirs
+            for old in [k for k in _models if k[6] == device]:
+                del _models[old]
             vocab = Vocabulary.read_csv(classes_csv)
             doc = read_checkpoint(checkpoint)
             check_vocabulary(doc, vocab, checkpoint)
@@ -61,12 +63,21 @@ def annotate_shard_task(checkpoint: str, classes_csv: str, crg: str | None, shar
                         cfg: dict, thresholds_csv: str | None, mm_candidates: int) -> dict:
     from dart_core.infer import AnnotateConfig, annotate_shard, read_thresholds
 
-    model, vocab = load_for_annotation(checkpoint, classes_csv, crg, cfg.get("device", "cpu"), mm_candidates)
+    from dart_core.devices import worker_device
+
+    # plain "cuda": this worker's own GPU (its Dask worker number, or round-robin over threads)
+    cfg = {**cfg, "device": worker_device(cfg.get("device", "cpu"))}
+    model, vocab = load_for_annotation(checkpoint, classes_csv, crg, cfg["device"], mm_candidates)
     th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
     return annotate_shard(model, vocab, shard_url, pred_dir, AnnotateConfig(**cfg), th)
 
 
-def make_task_runner(kind: str, dask_address: str | None = None, workers: int | None = None):
+def make_task_runner(kind: str, dask_address: str | None = None, workers: int | None = None, device: str = "cpu"):
+    """The task runner for `kind`; on `cuda`, one worker per visible GPU unless `workers` says."""
+    import torch
+
+    if workers is None and device.startswith("cuda") and torch.cuda.device_count() > 0:
+        workers = torch.cuda.device_count() if device == "cuda" else 1
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -76,6 +87,7 @@ def make_task_runner(kind: str, dask_address: str | None = None, workers: int | 
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)
+        # workers are named 0, 1, ...: dart_core.devices.worker_device gives worker i GPU i
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                               cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
@@ -86,6 +98,18 @@ def make_task_runner(kind: str, dask_address: str | None = None, workers: int | 
             raise ValueError("--task-runner ray needs the prefect-ray package (pip install prefect-ray)") from None
         return RayTaskRunner(address=dask_address) if dask_address else RayTaskRunner()
     raise ValueError(f"unknown task runner {kind!r} (threads, dask, ray)")
+
+
+def ray_gpus(task_runner: str, device: str):
+    """On Ray with a CUDA device, each shard task asks Ray for one GPU (Ray then sets the task's
+    CUDA_VISIBLE_DEVICES, so plain `cuda` is that GPU); elsewhere nothing."""
+    import contextlib
+
+    if task_runner != "ray" or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=1)
 
 
 @flow(name="annotate-shards")
@@ -141,7 +165,7 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
 
 
 def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: str, pretrained: str | None,
-                           log) -> str:
+                           log, device: str = "cpu") -> str:
     """Vocabulary classes the CRG does not know get edges: mined incrementally from the LLM when an
     endpoint is configured (the CRG task, which only asks about new classes), else by text
     similarity for the new classes only. Returns the CRG path to use (a copy under PRED)."""
@@ -166,7 +190,9 @@ def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: 
     log(f"{len(new)} new classes and no LLM endpoint configured: their CRG edges come from text similarity")
     from dart_core.backbone import FrozenBackbone
 
-    text = FrozenBackbone(backbone, pretrained).text_embeddings(list(vocab.names)).numpy()
+    from dart_core.devices import worker_device
+
+    text = FrozenBackbone(backbone, pretrained, device=worker_device(device)).text_embeddings(list(vocab.names)).cpu().numpy()
     sim = similarity_crg(vocab, text, int(old.meta.get("n_neighbors", 8)))
     index = {cid: i for i, cid in enumerate(vocab.ids)}
     neighbors = {cid: nb for cid, nb in old.neighbors.items() if cid in index}
@@ -198,7 +224,7 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
     with output_lock(out):  # released however the run ends: a failed run never blocks the next
         if crg:
             crg = add_new_classes_to_crg(crg, classes_csv, out, doc["backbone"]["name"],
-                                         doc["backbone"]["pretrained"], logger.info)
+                                         doc["backbone"]["pretrained"], logger.info, device)
         beside = storage.join(str(classes_csv).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes_csv) else ".",
                               "thresholds.csv")
         if thresholds_csv is None and storage.exists(beside):
@@ -219,10 +245,15 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
         if score not in ("dart", "zero_shot"):
             raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")
         cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
-        runner = make_task_runner(task_runner, dask_address, workers)
+        runner = make_task_runner(task_runner, dask_address, workers, device)
         logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
-        stats = _annotate_shards.with_options(task_runner=runner)(
-            str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)
+        from dart_core.devices import unused_gpu_note
+
+        if unused_gpu_note(device):
+            logger.warning(unused_gpu_note(device))
+        with ray_gpus(task_runner, device):
+            stats = _annotate_shards.with_options(task_runner=runner)(
+                str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)
         summary = {"shards": len(stats), "images": sum(s["images"] for s in stats),
                    "errors": sum(s["errors"] for s in stats), "skipped": sum(1 for s in stats if s.get("skipped")),
                    "out": str(out)}

@@ -105,7 +105,7 @@ def _collate(batch):
 def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train: bool,
                 shuffle_buffer: int = 1000, num_workers: int = 0, seed: int = 0,
                 drop_last: bool | None = None, holdout: tuple | None = None,
-                all_ranks: bool = False, corrections: dict | None = None) -> Iterable:
+                all_ranks: bool = False, corrections: dict | None = None, pin_memory: bool = False) -> Iterable:
     """Batches (images (B,3,H,W) float, labels (B,len(vocab)) int8 in {-1,0,1}, keys list[str]).
 
     train=True: shards shuffled (seeded), split by node (torch.distributed rank / world size, or
@@ -140,8 +140,10 @@ def make_loader(shards, vocab: Vocabulary, preprocess, batch_size: int, *, train
     pipeline = wds.DataPipeline(*stages)
     if num_workers == 0:
         return pipeline
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                         persistent_workers=False, shuffle=False)
+    # training (an endless repetition: RepeatingBatches) keeps its workers between epochs;
+    # pinned memory lets the copy to a GPU overlap the step
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=train, shuffle=False)
 
 
 def _split_eval(src):
