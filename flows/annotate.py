@@ -207,7 +207,7 @@ def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: 
 def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg: str | None = None,
                   task_runner: str = "threads", dask_address: str | None = None, workers: int | None = None,
                   batch_size: int = 64, top_m: int = 10, device: str = "cpu", mode: str = "new",
-                  thresholds_csv: str | None = None, mm_candidates: int = 0, num_workers: int = 1,
+                  thresholds_csv: str | None = None, mm_candidates: int = 0, num_workers: int | None = None,
                   score: str = "dart") -> dict:
     """Score every shard; returns {"shards": n, "images": n, "errors": n, "skipped": n}."""
     from dart_core import __version__
@@ -244,8 +244,11 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
         prepare_output(out, meta, vocab, th, mode)
         if score not in ("dart", "zero_shot"):
             raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")
-        cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
         runner = make_task_runner(task_runner, dask_address, workers, device)
+        if num_workers is None:  # decoding threads per shard task: a GPU eats images faster than one thread decodes
+            parallel = workers or getattr(runner, "_max_workers", None) or 1
+            num_workers = 1 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // parallel))
+        cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
         logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
         from dart_core.devices import unused_gpu_note
 

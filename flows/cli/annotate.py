@@ -44,13 +44,15 @@ def annotate(
                     "vocabulary and CRG) and refuse another's; overwrite deletes them first."),
     thresholds: Optional[str] = typer.Option(None, help="thresholds.csv (default: beside classes.csv if present)."),
     mm_candidates: int = typer.Option(0, min=0, help="Bound the MM-ATM to each image's top-M classes (0 = all)."),
+    decode_threads: Optional[int] = typer.Option(None, min=0, help="Threads decoding images beside each shard task's "
+                                                                   "model (default: 1 on the CPU; on a GPU the cores shared out, at most 8)."),
 ) -> None:
     """Tag every image of the shards with DART and write the prediction tables (a rerun, after a crash
     or Ctrl-C, resumes: finished shards are skipped)."""
     from flows.annotate import annotate_flow
 
     s = annotate_flow(checkpoint, shards, classes, out, crg, task_runner, dask_address, workers, batch_size,
-                      top_m, device, mode, thresholds, mm_candidates)
+                      top_m, device, mode, thresholds, mm_candidates, decode_threads)
     typer.echo(f"annotated {s['images']} images in {s['shards']} shards ({s['skipped']} already done, "
                f"{s['errors']} unreadable samples in errors/) -> {s['out']}")
 
