@@ -81,16 +81,33 @@ class NeighbourTable(NamedTuple):
 
 
 def gatv2_dense(conv: GATv2Conv, x: torch.Tensor, graph: NeighbourTable) -> torch.Tensor:
-    """PyG's GATv2Conv (concat heads, no edge features, no dropout) over a neighbour table:
+    r"""PyG's GATv2Conv (concat heads, no edge features, no dropout) over a neighbour table:
 
-        x'_i = Σ_{j∈N(i)} α_ij Θ_l x_j + b,  α_ij = softmax_j( aᵀ LeakyReLU(Θ_l x_j + Θ_r x_i) )
+    .. math::
+        \mathbf{x}'_i = \big\Vert_{k=1}^{H} \sum_{j \in \mathcal{N}(i)} \alpha^{k}_{i,j}\,
+        \mathbf{\Theta}^{k}_{l}\mathbf{x}_j + \mathbf{b}, \qquad
+        \alpha^{k}_{i,j} = \operatorname{softmax}_{j}\big(\mathbf{a}^{k\top}
+        \mathrm{LeakyReLU}(\mathbf{\Theta}^{k}_{l}\mathbf{x}_j + \mathbf{\Theta}^{k}_{r}\mathbf{x}_i)\big)
 
-    Shapes: x (R, D_in) -> (R, heads·out_channels). A row without neighbours gets b, as in PyG.
+    :math:`\mathcal{N}(i)` = the sources ``graph.index[i, k]`` where ``graph.mask[i, k]``. A row
+    without neighbours gets :math:`\mathbf{b}`, as in PyG.
 
     The per-edge tensors (R·K·D) exist one chunk of rows at a time. Under autograd each chunk is
     checkpointed: only the per-row x_l, x_r and the output are kept for backward, and a chunk's
     per-edge tensors are recomputed when its gradient is needed — so training memory grows with
-    R·D, not R·K·D (docs/model.md, "Memory")."""
+    R·D, not R·K·D (docs/model.md, "Memory").
+
+    Args:
+        conv (GATv2Conv): holds :math:`\mathbf{\Theta}_l` (``lin_l``), :math:`\mathbf{\Theta}_r`
+            (``lin_r``), :math:`\mathbf{a}` (``att``), :math:`\mathbf{b}` (``bias``), ``heads`` H,
+            ``out_channels`` F and ``negative_slope``.
+        x (Tensor): node features.
+        graph (NeighbourTable): R rows, K neighbour slots each.
+
+    Shapes:
+        - **input:** x :math:`(R, D_{in})`, graph.index / graph.mask :math:`(R, K)`
+        - **output:** :math:`(R, H \cdot F)`
+    """
     H, Fh = conv.heads, conv.out_channels
     R, K = graph.index.shape
     x_l = conv.lin_l(x)  # Θ_l x_j, the message and the source half of the score, (R, H·F)
@@ -127,7 +144,36 @@ def _attend(x_l: torch.Tensor, x_r: torch.Tensor, idx: torch.Tensor, mask: torch
 
 
 class GATv2Residual(nn.Module):
-    """h' = h + γ ⊙ ELU(GATv2(h))   (Eq. 5 / C.12-C.16; γ a LayerScale, zero at init)."""
+    r"""One ATM layer (Eq. 5 / App. C.12-C.16): multi-head GATv2 over the class graph, heads
+    concatenated, ELU, and a residual whose branch is scaled by a LayerScale :math:`\boldsymbol\gamma`:
+
+    .. math::
+        \mathbf{h}'_i = \mathbf{h}_i + \boldsymbol{\gamma} \odot \mathrm{ELU}\Big(
+        \big\Vert_{k=1}^{H} \sum_{j \in \mathcal{N}(i)} \alpha^{k}_{i,j}\,
+        \mathbf{\Theta}^{k}_{l}\mathbf{h}_j \;+\; \mathbf{b}\Big)
+
+    with the GATv2 attention of each head :math:`k` (C.12-C.15)
+
+    .. math::
+        \alpha^{k}_{i,j} = \operatorname{softmax}_{j \in \mathcal{N}(i)}\Big(
+        \mathbf{a}^{k\top}\,\mathrm{LeakyReLU}_{0.2}\big(\mathbf{\Theta}^{k}_{l}\mathbf{h}_j
+        + \mathbf{\Theta}^{k}_{r}\mathbf{h}_i\big)\Big),
+
+    :math:`\mathcal{N}(i)` the in-neighbours of class :math:`i` in the CRG, self-loop included (the
+    graph carries it, so ``add_self_loops=False``). The weights live in PyG's ``GATv2Conv``
+    (``conv``); :func:`gatv2_dense` computes it over a :class:`NeighbourTable`.
+    Initialisation (:meth:`reset_parameters`): :math:`\boldsymbol\gamma` = ``layerscale_init`` (0:
+    the layer starts as the identity, docs/model.md), ``conv`` PyG's default (glorot, zero bias).
+
+    Args:
+        dim (int): feature size D, in and out.
+        heads (int): attention heads H; each has ``dim // heads`` channels (``dim`` must divide).
+        layerscale_init (float): the initial value of every entry of :math:`\boldsymbol\gamma`.
+
+    Shapes:
+        - **input:** node features :math:`(R, D)`, graph :class:`NeighbourTable` with R rows
+        - **output:** :math:`(R, D)`
+    """
 
     def __init__(self, dim: int, heads: int = 4, layerscale_init: float = 0.0):
         super().__init__()
@@ -136,13 +182,70 @@ class GATv2Residual(nn.Module):
         # Edges already carry self-loops (CRG.edge_index), so GATv2Conv must not add them again.
         self.conv = GATv2Conv(dim, dim // heads, heads=heads, concat=True, add_self_loops=False)  # C.12-C.15
         self.act = nn.ELU()
+        self.layerscale_init = layerscale_init
         self.gamma = nn.Parameter(torch.full((dim,), layerscale_init))
+        # GATv2Conv drew its weights in its constructor: set only the fixed init here, so that a
+        # seed gives the same initial weights as before reset_parameters existed
+        self.reset_parameters(redraw=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, redraw: bool = True) -> None:
+        """γ back to `layerscale_init`; with `redraw`, GATv2Conv's weights drawn again (its own
+        reset_parameters), else kept."""
+        if redraw:
+            self.conv.reset_parameters()
+        self.gamma.fill_(self.layerscale_init)
 
     def forward(self, h: torch.Tensor, graph: NeighbourTable) -> torch.Tensor:
         return h + self.gamma * self.act(gatv2_dense(self.conv, h, graph))  # Eq. 5 / C.16
 
 
 class ATM(nn.Module):
+    r"""The Adaptive Transfer Module (Sec. 3.4, Eq. 5, App. C.2-C.3): graph attention over the Class
+    Relationship Graph, first on the class texts, then on each image's class features.
+
+    .. math::
+        \mathbf{h}_{txt} = G^{txt}_{n} \circ \dots \circ G^{txt}_{1}(\mathbf{t})
+        \qquad \text{(Text-ATM)}
+
+    .. math::
+        \mathbf{x}_{mm}^{(c)} = \mathbf{x}_{vis}^{(c)} + \mathbf{W}_{out}\,\mathrm{GELU}\big(
+        \mathbf{W}_{vis}\mathbf{x}_{vis}^{(c)} + \mathbf{W}_{txt}\mathbf{h}_{txt}^{(c)} + \mathbf{b}\big)
+        + \mathbf{b}_{out}
+        \qquad \text{(fusion: FNN}([\mathbf{x}_{vis} \Vert \mathbf{h}_{txt}])\text{, residual)}
+
+    .. math::
+        \mathbf{h}_{mm} = G^{mm}_{n} \circ \dots \circ G^{mm}_{1}(\mathbf{x}_{mm})
+        \qquad \text{(MM-ATM, one copy of the class graph per image)}
+
+    each :math:`G` a :class:`GATv2Residual` (Eq. 5). :math:`[\mathbf{W}_{vis} \Vert \mathbf{W}_{txt}]`
+    is the FNN's first linear on the concatenation, split in two halves (:meth:`fuse`). The caller
+    scores :math:`\hat{y}_c = s \cdot \cos(\mathbf{h}_{mm}^{(c)}, \mathbf{t}_c)`
+    (:class:`dart_core.model.DART`). The residual fusion and the zero start are our choices
+    (docs/model.md, "Where the paper is silent").
+
+    Initialisation (:meth:`reset_parameters`): :math:`\mathbf{W}_{out} = 0`, :math:`\mathbf{b}_{out} = 0`
+    and every layer's LayerScale :math:`\boldsymbol\gamma = 0`, so an untrained ATM is the identity,
+    :math:`\mathbf{h}_{mm} = \mathbf{x}_{vis}`, and DART starts from the VLP's zero-shot scores exactly;
+    :math:`\mathbf{W}_{vis}`, :math:`\mathbf{W}_{txt}` and the GATv2 weights are random (torch's and
+    PyG's defaults).
+
+    Args:
+        dim (int): the embedding size D of :math:`\mathbf{t}`, :math:`\mathbf{x}_{vis}` and every layer.
+        heads (int): GATv2 attention heads per layer (App. A: 4).
+        n_layers (int): GATv2 layers in the Text-ATM and again in the MM-ATM (App. A: 2).
+        fnn_hidden (int, optional): the fusion FNN's hidden width (default: ``dim``).
+
+    Shapes:
+        - :meth:`text`: :math:`\mathbf{t}` :math:`(C, D)` :math:`\to` :math:`\mathbf{h}_{txt}` :math:`(C, D)`
+        - :meth:`fuse`: :math:`\mathbf{x}_{vis}` :math:`(B, C, D)`, :math:`\mathbf{h}_{txt}`
+          :math:`(C, D)` :math:`\to` :math:`\mathbf{x}_{mm}` :math:`(B, C, D)`
+        - :meth:`multimodal`: :math:`(B, C, D) \to (B, C, D)`
+        - :meth:`multimodal_candidates`: :math:`\mathbf{x}_{vis}` :math:`(B, C, D)`, candidates
+          :math:`(B, M)` :math:`\to` :math:`(B, M, D)`
+        - graphs: a :class:`NeighbourTable` over the C classes
+    """
+
     def __init__(self, dim: int, heads: int = 4, n_layers: int = 2, fnn_hidden: int | None = None):
         super().__init__()
         self.text_layers = nn.ModuleList(GATv2Residual(dim, heads) for _ in range(n_layers))
@@ -150,10 +253,22 @@ class ATM(nn.Module):
         self.fnn_vis = nn.Linear(dim, hidden)  # FNN on the concatenation [x_vis || h_txt], with its
         self.fnn_txt = nn.Linear(dim, hidden, bias=False)  # first layer split in two halves
         self.fnn_out = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.fnn_out.weight)
-        nn.init.zeros_(self.fnn_out.bias)
         self.act = nn.GELU()
         self.mm_layers = nn.ModuleList(GATv2Residual(dim, heads) for _ in range(n_layers))
+        self.reset_parameters(redraw=False)  # fixed init only; as in GATv2Residual, keeps a seed's weights
+
+    @torch.no_grad()
+    def reset_parameters(self, redraw: bool = True) -> None:
+        """Restore the documented initialisation, after which the ATM is the identity: the fusion
+        FNN's last linear zero and every layer's LayerScale at its init (0). With `redraw`, the
+        random weights (the FNN's first linear, the GATv2 weights) are drawn again; without, kept."""
+        for layer in (*self.text_layers, *self.mm_layers):
+            layer.reset_parameters(redraw)
+        if redraw:
+            self.fnn_vis.reset_parameters()
+            self.fnn_txt.reset_parameters()
+        nn.init.zeros_(self.fnn_out.weight)
+        nn.init.zeros_(self.fnn_out.bias)
 
     def text(self, t: torch.Tensor, graph: NeighbourTable) -> torch.Tensor:
         """Text-ATM: (C, D) -> (C, D)."""

@@ -270,7 +270,21 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward_features(self, images: torch.Tensor, n_blocks: int = 0) -> VisionFeatures:
-        """Run the frozen vision tower once, keeping what the ARM needs from its last `n_blocks`."""
+        """Run the frozen vision tower once, keeping what the ARM needs from its last `n_blocks`.
+
+        Why this loop over the blocks rather than open_clip's public
+        `VisionTransformer.forward_intermediates` (checked on the pinned open_clip_torch 3.3.0): that
+        method returns each taken block's *output* only. For n_blocks < depth it would do — asking
+        for the last n_blocks + 1 outputs, block i's input is block i-1's output, and its outputs,
+        `image_features` and the patch features from the last output are bit-identical to this
+        loop's — but the ARM may sit beside every block (ARM accepts n_layers in 1..depth), and
+        then it reads the input of block 0, `ln_pre(patch embedding + class token + positions)`,
+        which forward_intermediates never returns. It also returns the class token split off each
+        intermediate (`image_intermediates_prefix`), while the ARM attends over class token +
+        patches, so every kept block would be concatenated back (one more (B, 1+P, width) copy
+        per block). And it calls the same `_embeds` and `_pool` itself, so it would not remove the
+        dependence on them; tests/test_model.py::test_main_stream_bit_identical_with_and_without_arm
+        compares this path with `encode_image` bit for bit and catches a change of either."""
         v = self.clip.visual
         if images.shape[-2:] != tuple(v.image_size):
             raise BackboneError(f"images are {tuple(images.shape[-2:])}, the backbone expects {tuple(v.image_size)}")

@@ -1,4 +1,4 @@
--- Average precision per class (paper App. B.1; DESIGN.md contract): rank the images whose label
+-- Average precision per class (paper App. B.1; docs/design.md, "Metrics"): rank the images whose label
 -- for the class is known by score (ties: shard, image_id), AP = mean over the positives of the
 -- precision at that positive's rank, no interpolation. NULL for a class without a positive.
 -- Variables: zsl (BOOLEAN: unseen classes only).

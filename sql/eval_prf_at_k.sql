@@ -1,4 +1,4 @@
--- Micro P/R/F1 over every image's top-k classes (App. B.3-B.4; DESIGN.md contract):
+-- Micro P/R/F1 over every image's top-k classes (App. B.3-B.4; docs/design.md, "Metrics"):
 -- TP = positives among the top-k, P = TP / (N*k), R = TP / #positives, F1 = 2PR/(P+R).
 -- All images count (also those without a positive). Ranking within the setting's classes
 -- (ZSL: unseen only), ties broken by class order. Variables: zsl (BOOLEAN), k (INTEGER).
