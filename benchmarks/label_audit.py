@@ -1,7 +1,7 @@
 """How many real label errors does `dart audit` find? Inject known errors and measure.
 
     python benchmarks/label_audit.py --demo WORKDIR [--seed 0 --seed 1 --seed 2] [--split test]
-        [--positive-rate 0.03] [--negative-rate 0.03] [--out /work/audit-bench] [--json OUT.json]
+        [--positive-rate 0.03] [--negative-rate 0.03] [--out DIR] [--json OUT.json]
 
 WORKDIR is a finished `dart demo --workdir WORKDIR` (shards/, runs/dart/model.pt, predictions/dart/
 run.json for its CRG); build one from scratch with `dart demo --workdir WORKDIR` (~17 min on 2 cores).
@@ -130,9 +130,10 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--positive-rate", type=float, default=0.03)
     ap.add_argument("--negative-rate", type=float, default=0.03)
-    ap.add_argument("--out", default="/work/audit-bench")
+    ap.add_argument("--out", default=None, help="Work folder (noisy shards, predictions, results.json; default: WORKDIR/label-audit).")
     ap.add_argument("--json", default=None, help="Write the figures here (default OUT/results.json).")
     a = ap.parse_args(argv)
+    a.out = a.out or os.path.join(a.demo, "label-audit")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 

@@ -1,4 +1,4 @@
-"""Source readers on the datasets' real published layouts (issue 12): the Open Images zero-shot
+"""Source readers on the datasets' real published layouts: the Open Images zero-shot
 split files and CVDF image folders, COCO / NUS-WIDE messages and malformed cells, and sample keys
 for paths of every kind."""
 from __future__ import annotations
