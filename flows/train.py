@@ -1,6 +1,9 @@
 """Prefect flow `train`: DART on shards. The task receives paths and returns the checkpoint path."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 
 
@@ -39,9 +42,73 @@ def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, tra
     return str(ckpt)
 
 
+def check_ranks(nproc: int, device: str) -> None:
+    """Where N ranks can run: CPU (gloo) or one GPU each (NCCL); bad settings name the option."""
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: must be at least 1")
+    if nproc == 1:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--nproc {nproc} inside a torchrun rank: launch either with torchrun or with --nproc, not both")
+    if device.startswith("cuda:"):
+        raise ValueError(f"--device {device} names one GPU; with --nproc {nproc} pass --device cuda "
+                         "(rank r trains on GPU r of those CUDA_VISIBLE_DEVICES shows)")
+    if device == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n < nproc:
+            raise ValueError(f"--nproc {nproc} with --device cuda, but {n} CUDA device(s) are visible")
+
+
+@task(name="train-dart-ranks")
+def train_ranks_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
+                     crg: str | None, crg_source: str, device: str, num_workers: int, val_shards: str | None,
+                     nproc: int) -> str:
+    """`nproc` ranks under torchrun (flows.ranks): their lines stream into this task's log, a rank's
+    failure fails the task with that rank's error, a stop (Ctrl-C, cancel) stops every rank."""
+    from dart_core.data.reader import require_shards
+    from dart_core.vocab import Vocabulary
+    from flows.ranks import RanksFailedError, launch
+
+    logger = get_run_logger()
+    check_ranks(nproc, device)
+    Vocabulary.read_csv(classes_csv)
+    n = count_samples(shards)
+    if val_shards:
+        require_shards(val_shards, "--val-shards")
+    batch = int(train_cfg.get("batch_size", 256))
+    if n < batch * nproc:
+        raise ValueError(f"{shards}: {n} samples are fewer than one global batch of {batch * nproc} "
+                         f"(--batch-size {batch} per process × --nproc {nproc}); lower --batch-size")
+    if train_cfg.get("corrections"):
+        from dart_core.corrections import read as read_corrections
+
+        read_corrections(train_cfg["corrections"])  # a bad file: one error now, not one per rank
+    out = Path(out_dir).resolve()
+    resume = out / "last.pt"
+    logger.info(f"training on {nproc} processes under torchrun ({'NCCL, one GPU each' if device == 'cuda' else 'gloo'}); "
+                + (f"resuming from {resume}" if resume.exists() else f"writing {out}"))
+    spec = {"shards": shards, "classes_csv": classes_csv, "out_dir": str(out), "model_cfg": model_cfg,
+            "train_cfg": train_cfg, "n_samples": n, "crg": crg, "crg_source": crg_source, "device": device,
+            "num_workers": num_workers, "val_shards": val_shards}
+    try:
+        launch(spec, nproc, logger.info)
+    except RanksFailedError as e:
+        again = (f"rerun the same command to resume from {resume}" if resume.exists()
+                 else "no epoch was finished: a rerun starts over")
+        raise RanksFailedError(f"{e}; {again}") from None
+    return str(out / "model.pt")
+
+
 @flow(name="train")
 def train_flow(shards: str, classes_csv: str, out_dir: str, model_cfg: dict | None = None,
                train_cfg: dict | None = None, crg: str | None = None, crg_source: str = "file",
-               device: str = "cpu", num_workers: int = 0, val_shards: str | None = None) -> str:
+               device: str = "cpu", num_workers: int = 0, val_shards: str | None = None, nproc: int = 1) -> str:
+    """DART on shards, in this process (nproc=1) or on `nproc` ranks under torchrun, launched and
+    watched here (one per GPU with device="cuda"; gloo processes on CPU). Reruns resume from last.pt."""
+    if nproc > 1:
+        return train_ranks_task(shards, classes_csv, out_dir, model_cfg or {}, train_cfg or {}, crg, crg_source,
+                                device, num_workers, val_shards, nproc)
     return train_task(shards, classes_csv, out_dir, model_cfg or {}, train_cfg or {}, crg, crg_source,
                       device, num_workers, val_shards)

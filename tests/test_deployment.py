@@ -1,11 +1,12 @@
-"""The way users run it: a real `prefect server`, a process work pool and worker, `prefect deploy`
-from infra/prefect.yaml, and `prefect deployment run annotate/nightly`."""
+"""The way users run it: a real `prefect server`, process work pools and a worker, `prefect deploy`
+from infra/prefect.yaml, and `prefect deployment run annotate/nightly` / `pipeline/cpu`."""
+import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,19 +17,31 @@ from tests.model_fixtures import tiny_clip_ckpt  # noqa: F401
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
-@pytest.mark.slow
-def test_prefect_deployment_run_annotate_nightly(world, tmp_path):
+@pytest.fixture(scope="module")
+def deployed(world, tmp_path_factory):
+    """A Prefect server, the pools dart-process and dart-gpu, every deployment of infra/prefect.yaml
+    and a worker on dart-process; yields the `prefect` CLI as a function and the paths used."""
+    from dart_core.world.generator import write_folder_source
+
+    tmp = tmp_path_factory.mktemp("deployment")
+    for split, n, seed in (("train", 32, 0), ("test", 16, 1)):
+        write_folder_source(tmp / "source" / split, n, seed=seed)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    pred = tmp_path / "pred"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+    paths = {"pred": tmp / "pred", "work": tmp / "work", "source": tmp / "source"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
            "DART_REPO": str(REPO), "DART_CHECKPOINT": world["checkpoint"], "DART_SHARDS": world["shards"],
-           "DART_CLASSES": world["classes"], "DART_PREDICTIONS": str(pred),
-           "DART_RAW_PREFIX": "s3://unused/raw", "DART_SHARDS_URL": "s3://unused/shards"}
+           "DART_CLASSES": world["classes"], "DART_PREDICTIONS": str(paths["pred"]),
+           "DART_RAW_PREFIX": "s3://unused/raw", "DART_SHARDS_URL": "s3://unused/shards",
+           "DART_SOURCE": str(tmp / "source" / "train"), "DART_TEST_SOURCE": str(tmp / "source" / "test"),
+           "DART_FORMAT": "folder", "DART_WORKDIR": str(paths["work"]), "DART_BACKBONE": "dart-tiny-vit",
+           "DART_PRETRAINED": world["clip"], "OMP_NUM_THREADS": "1"}
+    env.pop("OPENAI_API_KEY", None)
+    env.pop("OPENAI_BASE_URL", None)
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     worker = None
     try:
@@ -41,19 +54,12 @@ def test_prefect_deployment_run_annotate_nightly(world, tmp_path):
             return r.stdout
 
         prefect("work-pool", "create", "dart-process", "--type", "process")
+        prefect("work-pool", "create", "dart-gpu", "--type", "process")
         prefect("deploy", "--all", "--prefect-file", "infra/prefect.yaml")
-        listed = prefect("deployment", "ls")
-        assert "annotate/nightly" in listed and "refresh/nightly" in listed
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "dart-process"], env=env, cwd=REPO,
-                                  stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
-        out = prefect("deployment", "run", "annotate/nightly", "--param", "batch_size=8", "--watch",
-                      "--watch-timeout", "400", timeout=450)
-        assert "Completed" in out, out[-2000:] + (tmp_path / "worker.log").read_text()[-3000:]
-        scores = pq.read_table(pred / "scores").to_pandas()
-        assert sorted(scores.image_id) == sorted(world["keys"])
-        # the schedule is there for the nightly run
-        assert "0 2 * * *" in prefect("deployment", "inspect", "annotate/nightly")
+        yield {"prefect": prefect, "worker_log": tmp / "worker.log", **paths}
     finally:
         for p in (worker, server):
             if p is not None:
@@ -62,3 +68,39 @@ def test_prefect_deployment_run_annotate_nightly(world, tmp_path):
                     p.wait(timeout=20)
                 except Exception:  # noqa: BLE001
                     os.killpg(p.pid, 9)
+
+
+@pytest.mark.slow
+def test_prefect_deployment_run_annotate_nightly(deployed, world):
+    prefect = deployed["prefect"]
+    listed = prefect("deployment", "ls")
+    assert all(d in listed for d in ("annotate/nightly", "refresh/nightly", "pipeline/cpu", "pipeline/gpu"))
+    out = prefect("deployment", "run", "annotate/nightly", "--param", "batch_size=8", "--watch",
+                  "--watch-timeout", "400", timeout=450)
+    assert "Completed" in out, out[-2000:] + deployed["worker_log"].read_text()[-3000:]
+    scores = pq.read_table(deployed["pred"] / "scores").to_pandas()
+    assert sorted(scores.image_id) == sorted(world["keys"])
+    # the schedule is there for the nightly run
+    assert "0 2 * * *" in prefect("deployment", "inspect", "annotate/nightly")
+
+
+@pytest.mark.slow
+def test_prefect_deployment_run_pipeline_on_a_folder_source(deployed):
+    prefect = deployed["prefect"]
+    # the GPU example is deployed as written: its pool, job variables and number of GPUs
+    gpu = prefect("deployment", "inspect", "pipeline/gpu")
+    assert "dart-gpu" in gpu and "CUDA_VISIBLE_DEVICES" in gpu and "'nproc': 8" in gpu and "'device': 'cuda'" in gpu
+    out = prefect("deployment", "run", "pipeline/cpu", "--param", "epochs=1", "--param", "batch_size=8",
+                  "--param", "val_share=0", "--param", "shard_size=16", "--param", "shard_workers=1",
+                  "--param", 'model_cfg={"top_k_share": 0.25}', "--watch", "--watch-timeout", "500", timeout=560)
+    assert "Completed" in out, out[-2000:] + deployed["worker_log"].read_text()[-4000:]
+    work = deployed["work"]
+    summary = json.loads((work / "summary.json").read_text())
+    assert all(s["status"].startswith("ran") for s in summary["stages"].values()), summary["stages"]
+    pred = Path(summary["paths"]["predictions"])
+    ids = [r[0] for r in duckdb.sql(f"SELECT image_id FROM read_parquet('{pred}/scores/*/*.parquet')").fetchall()]
+    assert len(ids) == len(set(ids)) == 16
+    assert 0 <= summary["eval"]["zsl"]["mAP"] <= 1 and (work / "eval.json").exists()
+    # the summary is an artifact of the run, visible in the UI
+    art = prefect("artifact", "inspect", "pipeline-summary")
+    assert "| ZSL |" in art and str(pred) in art

@@ -48,6 +48,18 @@ USER_ERRORS = {
 }
 
 
+# Failures that are no user mistake but whose message is the whole story (a training rank killed by
+# a signal, flows.ranks): one `error:` line and exit 1, no traceback.
+REPORTED_FAILURES = {
+    "flows.ranks": ("RanksFailedError",),
+}
+
+
+def reported_failure_types() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[mod], name) for mod, names in REPORTED_FAILURES.items() if mod in sys.modules
+                 for name in names)
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     found = [getattr(sys.modules[mod], name) for mod, names in USER_ERRORS.items() if mod in sys.modules
              for name in names]
@@ -74,7 +86,7 @@ class _QuietRunLogs(logging.Filter):
         if record.name == "prefect.task_runs" and interrupt.stop_requested():
             return False
         exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or not isinstance(exc, user_error_types())
+        return exc is None or not isinstance(exc, (*user_error_types(), *reported_failure_types()))
 
 
 # the loggers of Prefect's run engines (task runs, flow runs): where a failing run's traceback goes
@@ -152,6 +164,9 @@ def guarded():
         typer.echo(INTERRUPTED, err=True)
         raise typer.Exit(130) from None
     except Exception as e:
+        if isinstance(e, reported_failure_types()):
+            typer.echo(f"error: {describe(e)}", err=True)
+            raise typer.Exit(1) from None
         if not isinstance(e, user_error_types()):
             raise  # a bug: the traceback is what helps
         typer.echo(f"error: {describe(e)}", err=True)

@@ -30,6 +30,8 @@ def train(
     lr: float = typer.Option(1e-4, callback=check.positive, help="Peak learning rate (AdamW; warm-up, then cosine)."),
     device: str = typer.Option("cpu", callback=check.device, help=check.DEVICE_HELP),
     workers: int = typer.Option(0, min=0, help="DataLoader workers for decoding."),
+    nproc: int = typer.Option(1, "--nproc", "--gpus", min=1, help="Training processes launched under torchrun by the "
+                              "flow (DDP; one per GPU with --device cuda, gloo processes on CPU); --batch-size is per process."),
     arm_layers: int = typer.Option(1, min=1, help="ARM layers, beside the last N frozen ViT blocks."),
     top_k_share: float = typer.Option(16 / 196, callback=check.share, help="Patches aggregated per class, as a share of the patch grid (the paper's 16 of 196)."),
     wps_tau: float = typer.Option(0.0, min=0, help="Temperature of the WPS responsibilities (0: the library default, CLIP's learned 100, App. A)."),
@@ -70,6 +72,10 @@ def train(
                      arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=arm, use_wps=wps, use_atm=atm)
     train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end, val_share=val_share,
                      **({"corrections": corrections} if corrections else {}))
+    if nproc > 1:
+        from flows.train import check_ranks
+
+        check_ranks(nproc, device)  # before the flow starts: --device cuda:N, too few GPUs, inside torchrun
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # under torchrun every rank trains; Prefect would start one flow run per rank
         from dart_core.model import DARTConfig
@@ -83,7 +89,8 @@ def train(
     else:
         from flows.train import train_flow
 
-        ckpt = train_flow(shards, classes, out, model_cfg, train_cfg, crg, source, device, workers, val_shards)
+        ckpt = train_flow(shards, classes, out, model_cfg, train_cfg, crg, source, device, workers, val_shards,
+                          nproc=nproc)
     typer.echo(f"checkpoint: {ckpt}")
 
 
