@@ -2,30 +2,24 @@
 
 Per shard `S` — its id `<split>-<NNNNNN>` (dart_core.data.shard_format.shard_id), the same as in
 the shard's sidecar and stats file — read whole, in order, decoded in background threads so
-decoding overlaps compute:
-    PRED/scores/shard=S/part.parquet   image_id, scores list<float16> (vocabulary order), file (the
-                                       original file, the sample json's source.file), source (that
-                                       source object as JSON: dataset, row, ...); folders written
-                                       before these two columns read as NULL (sql/views.sql)
-    PRED/tags/shard=S/part.parquet     image_id, class_id, class_name, score, rank, unseen,
-                                       above_threshold, patches list<int16>, patch_scores list<float16>
-    PRED/labels/shard=S/part.parquet   image_id, class_id, label int8 (the known ±1 labels)
-    PRED/errors/shard=S/part.parquet   image_id, error (samples that could not be decoded)
-    PRED/_done/S.json                  written last: the shard is finished
+decoding overlaps compute, into PRED/<table>/shard=S/part.parquet for the tables scores, tags,
+labels and errors, then PRED/_done/S.json, written last: the shard is finished (the folder's
+layout and schemas: dart_core.predictions).
 PRED is a local folder or an s3:// prefix (dart_core.storage). All files of a shard are staged
 (under PRED/_staging/S locally, in a local temp dir for s3://) and published whole at their fixed
 keys (a rename; one PUT / multipart upload on S3), then the done marker is written. Readers
 (dart_core.evaluate, sql/views.sql) count only shards with a done marker, and a rerun skips
 finished shards and redoes the others from scratch, overwriting the same keys, so after any
 crash/rerun sequence every sample has exactly one `scores/` row.
+
+The prediction folder (schemas, keys, claiming it for a run) lives in dart_core.predictions and the
+thresholds in dart_core.thresholds; their names are re-exported here, where callers import them.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,30 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dart_core.data.shard_format import SampleDecoder, member_names, shard_id
+from dart_core.data.shard_format import SampleDecoder, shard_id
 from dart_core.interrupt import check as check_interrupt
-from dart_core.metrics import ranked_known
+from dart_core.predictions import TABLES, WRITTEN_SCHEMAS, done_marker, part_url
+# re-exported: the prediction folder and the thresholds were split out of this module, and callers
+# (flows/, tests/, benchmarks/, dart_core.evaluate) import these names from here
+from dart_core.predictions import IDENTITY, SCHEMAS, SOURCE_FIELDS, AnnotateError  # noqa: F401
+from dart_core.predictions import done_shards, file_hash, identity_differences, lock_ttl  # noqa: F401
+from dart_core.predictions import output_lock, prepare_output, read_shard_image, vocab_table  # noqa: F401
+from dart_core.thresholds import calibrate_thresholds, read_thresholds  # noqa: F401
 from dart_core.vocab import Vocabulary
-
-TABLES = ("scores", "tags", "labels", "errors")
-
-SCHEMAS = {
-    "scores": pa.schema([("image_id", pa.string()), ("scores", pa.list_(pa.float16()))]),
-    "tags": pa.schema([("image_id", pa.string()), ("class_id", pa.string()), ("class_name", pa.string()),
-                       ("score", pa.float32()), ("rank", pa.int16()), ("unseen", pa.bool_()),
-                       ("above_threshold", pa.bool_()), ("patches", pa.list_(pa.int16())),
-                       ("patch_scores", pa.list_(pa.float16()))]),
-    "labels": pa.schema([("image_id", pa.string()), ("class_id", pa.string()), ("label", pa.int8())]),
-    "errors": pa.schema([("image_id", pa.string()), ("error", pa.string())]),
-}
-# written after the columns above in scores/: where each sample came from (the shard sample json's
-# `source`), so the audit can name the user's file; older prediction folders lack them
-SOURCE_FIELDS = [pa.field("file", pa.string()), pa.field("source", pa.string())]
-WRITTEN_SCHEMAS = {**SCHEMAS, "scores": pa.schema(list(SCHEMAS["scores"]) + SOURCE_FIELDS)}
-
-
-class AnnotateError(ValueError):
-    """The run cannot proceed (missing shard, output holding another run, ...); names the item."""
 
 
 @dataclass
@@ -69,29 +49,6 @@ class AnnotateConfig:
     # "dart": DART's scores and refined patch selections; "zero_shot": the frozen VLP's own
     # s·cos(global, t_c) and its raw patch scores S* (the baseline DART is compared with)
     score: str = "dart"
-
-
-
-def done_marker(pred_dir: str | Path, sid: str) -> str:
-    """PRED/_done/<shard id>.json (a path or an s3:// URL), written last: the shard's tables are
-    all published. Readers (dart_core.evaluate, sql/views.sql) count only shards that have one."""
-    from dart_core import storage
-
-    return storage.join(pred_dir, "_done", f"{sid}.json")
-
-
-def done_shards(pred_dir: str | Path) -> list[str]:
-    """The ids of the finished shards of PRED (one listing of PRED/_done/), sorted."""
-    from dart_core import storage
-
-    return [n[:-len(".json")] for n in storage.list_names(storage.join(pred_dir, "_done")) if n.endswith(".json")]
-
-
-def part_url(pred_dir: str | Path, table: str, sid: str) -> str:
-    """PRED/<table>/shard=<sid>/part.parquet: deterministic, so a rerun overwrites, never adds."""
-    from dart_core import storage
-
-    return storage.join(pred_dir, table, f"shard={sid}", "part.parquet")
 
 
 # ---- reading a shard, tolerating bad samples ----------------------------------------------------
@@ -256,65 +213,92 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     check_interrupt()  # a shard task that starts after Ctrl-C stops before starting its reader
     t0 = time.time()
     stage = _staging_dir(pred_dir, sid)
-    rows = {name: {f: [] for f in WRITTEN_SCHEMAS[name].names} for name in TABLES}
-    unseen = vocab.unseen_mask
-    ids, names = vocab.ids, vocab.names
-    C = len(vocab)
-    M = min(cfg.top_m, C)
+    rows = _ShardRows(vocab, cfg.top_m, thresholds)
     device = torch.device(cfg.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    n_ok = 0
+    zero_shot = cfg.score == "zero_shot"
     for batch in shard_batches(url, vocab, model.backbone.preprocess, cfg.batch_size, cfg.num_workers):
         check_interrupt()  # Ctrl-C: drop this shard's staged rows; a rerun redoes the shard whole
-        good = [b for b in batch if b[3] is None]
-        for b in batch:
-            key, err = b[2], b[3]
-            if err is not None:
-                rows["errors"]["image_id"].append(key)
-                rows["errors"]["error"].append(err)
+        good = rows.add_errors(batch)
         if not good:
             continue
         images = torch.stack([g[0] for g in good]).to(device, non_blocking=True)
-        zero_shot = cfg.score == "zero_shot"
         with torch.inference_mode(), autocast:
             out = model(images, with_priors=zero_shot)
+        rows.add_batch(good, out, zero_shot)
+    counts = {name: _write_table(rows.rows[name], name, stage / name / "part.parquet") for name in TABLES}
+    for name in TABLES:  # publish each part whole at its fixed key: a rename locally, one upload on S3
+        check_interrupt()
+        storage.move_file(stage / name / "part.parquet", part_url(pred_dir, name, sid))
+    stats = {"shard": sid, "url": str(url), "images": rows.images, "errors": counts["errors"],
+             "tags": counts["tags"], "seconds": round(time.time() - t0, 3)}
+    storage.write_bytes(done, json.dumps(stats).encode())  # last: the shard is finished
+    _drop_staging(pred_dir, stage)
+    return stats
+
+
+class _ShardRows:
+    """The rows of one shard's four tables, column by column, added batch by batch."""
+
+    def __init__(self, vocab: Vocabulary, top_m: int, thresholds: np.ndarray | None):
+        self.rows = {name: {f: [] for f in WRITTEN_SCHEMAS[name].names} for name in TABLES}
+        self.ids, self.names, self.unseen = vocab.ids, vocab.names, vocab.unseen_mask
+        self.top_m, self.thresholds = min(top_m, len(vocab)), thresholds
+        self.images = 0  # the samples scored (the others are error rows)
+
+    def add_errors(self, batch: list) -> list:
+        """The batch's undecodable samples into errors/; the decoded ones are returned."""
+        errors = self.rows["errors"]
+        for b in batch:
+            key, err = b[2], b[3]
+            if err is not None:
+                errors["image_id"].append(key)
+                errors["error"].append(err)
+        return [b for b in batch if b[3] is None]
+
+    def add_batch(self, good: list, out, zero_shot: bool) -> None:
+        """The model's output `out` for the decoded samples `good` into scores/, labels/ and tags/."""
         logits = out.zero_shot if zero_shot else out.logits
         patch_logits = out.prior_logits if zero_shot else out.patch_logits  # (B, P, C), stays on the device
         # every table carries the same float16-rounded score, so thresholds calibrated on scores/
         # and the tags' above_threshold / rank agree exactly
         scores = logits.float().cpu().numpy().astype(np.float16).astype(np.float32)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        # the whole batch at once; only the chosen tags' patches are gathered
         keys = [g[2] for g in good]
-        n_ok += len(good)
-        rows["scores"]["image_id"] += keys
-        rows["scores"]["scores"] += list(scores.astype(np.float16))  # exact: already rounded
+        self.images += len(good)
+        s = self.rows["scores"]
+        s["image_id"] += keys
+        s["scores"] += list(scores.astype(np.float16))  # exact: already rounded
         for g in good:
             f, src = _source_columns(g)
-            rows["scores"]["file"].append(f)
-            rows["scores"]["source"].append(src)
+            s["file"].append(f)
+            s["source"].append(src)
         lab = torch.stack([g[1] for g in good]).numpy()
         lb, lc = np.nonzero(lab)  # per image, in vocabulary order
-        rows["labels"]["image_id"] += [keys[b] for b in lb]
-        rows["labels"]["class_id"] += [ids[c] for c in lc]
-        rows["labels"]["label"] += lab[lb, lc].tolist()
-        # each image's top-M, and every class above its threshold, best first: by position j in
-        # `order` (rank j + 1)
+        self.rows["labels"]["image_id"] += [keys[b] for b in lb]
+        self.rows["labels"]["class_id"] += [self.ids[c] for c in lc]
+        self.rows["labels"]["label"] += lab[lb, lc].tolist()
+        self.add_tags(keys, scores, out, patch_logits, zero_shot)
+
+    def add_tags(self, keys: list[str], scores: np.ndarray, out, patch_logits: torch.Tensor, zero_shot: bool) -> None:
+        """Each image's top-M, and every class above its threshold, best first: by position j in
+        `order` (rank j + 1); the whole batch at once, only the chosen tags' patches gathered."""
+        thresholds = self.thresholds
+        order = np.argsort(-scores, axis=1, kind="stable")
         chosen = np.zeros(order.shape, dtype=bool)
-        chosen[:, :M] = True
+        chosen[:, :self.top_m] = True
         if thresholds is not None:
             chosen |= np.take_along_axis(scores >= np.nan_to_num(thresholds, nan=np.inf), order, axis=1)
         tb, j = np.nonzero(chosen)
         tc = order[tb, j]
         tag_scores = scores[tb, tc]
         patches, patch_scores = tag_patches(out, patch_logits, tb, tc, zero_shot)
-        t = rows["tags"]
+        t = self.rows["tags"]
         t["image_id"] += [keys[b] for b in tb]
-        t["class_id"] += [ids[c] for c in tc]
-        t["class_name"] += [names[c] for c in tc]
+        t["class_id"] += [self.ids[c] for c in tc]
+        t["class_name"] += [self.names[c] for c in tc]
         t["score"] += tag_scores.tolist()
         t["rank"] += (j + 1).tolist()
-        t["unseen"] += unseen[tc].tolist()
+        t["unseen"] += self.unseen[tc].tolist()
         if thresholds is None:
             t["above_threshold"] += [None] * len(tc)
         else:
@@ -322,15 +306,6 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
             t["above_threshold"] += [None if np.isnan(x) else bool(a) for x, a in zip(th, tag_scores >= th)]
         t["patches"] += list(patches.astype(np.int16))
         t["patch_scores"] += list(patch_scores.astype(np.float16))
-    counts = {name: _write_table(rows[name], name, stage / name / "part.parquet") for name in TABLES}
-    for name in TABLES:  # publish each part whole at its fixed key: a rename locally, one upload on S3
-        check_interrupt()
-        storage.move_file(stage / name / "part.parquet", part_url(pred_dir, name, sid))
-    stats = {"shard": sid, "url": str(url), "images": n_ok, "errors": counts["errors"], "tags": counts["tags"],
-             "seconds": round(time.time() - t0, 3)}
-    storage.write_bytes(done, json.dumps(stats).encode())  # last: the shard is finished
-    _drop_staging(pred_dir, stage)
-    return stats
 
 
 def tag_patches(out, patch_logits: torch.Tensor, tb: np.ndarray, tc: np.ndarray,
@@ -371,293 +346,3 @@ def _drop_staging(pred_dir: str | Path, stage: Path) -> None:
             stage.parent.rmdir()  # _staging/ goes when the last shard in flight is done
         except OSError:
             pass
-
-
-# ---- run-level files ----------------------------------------------------------------------------
-
-def vocab_table(vocab: Vocabulary, thresholds: np.ndarray | None) -> pa.Table:
-    return pa.table({
-        "class_index": pa.array(range(len(vocab)), pa.int32()),
-        "class_id": list(vocab.ids), "class_name": list(vocab.names), "split": list(vocab.splits),
-        "unseen": pa.array(vocab.unseen_mask),
-        "threshold": pa.array(thresholds if thresholds is not None else [None] * len(vocab), pa.float32()),
-    })
-
-
-# the inputs that make a run's predictions comparable, as named in messages
-IDENTITY = {"checkpoint_hash": "checkpoint", "vocab_hash": "vocabulary", "crg_hash": "CRG"}
-
-
-def identity_differences(old: dict, new: dict) -> str:
-    """'its CRG was 9b0d4e77, this run's is 3f2a9c1e' for each identity input that differs ('' if
-    none); hashes cut to the shortest prefix (8 characters at least) that tells the two apart."""
-    parts = []
-    for key, what in IDENTITY.items():
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        n = 8
-        while a and b and n < max(len(a), len(b)) and a[:n] == b[:n]:
-            n += 4
-        parts.append(f"its {what} was {a[:n] if a else 'none'}, this run's is {b[:n] if b else 'none'}")
-    return "; ".join(parts)
-
-
-@contextmanager
-def output_lock(pred_dir: str | Path):
-    """Hold PRED for one run at a time; a dead run never blocks the next for long, a live one always
-    does. Local: an flock, released by the kernel however the holder ends (error, Ctrl-C, kill -9).
-    s3://: a lease object PRED/.lock (see `_s3_lease`)."""
-    import os
-    import socket
-
-    from dart_core import storage
-
-    holder = f"pid {os.getpid()} on {socket.gethostname()}"
-    if storage.is_s3(pred_dir):
-        with _s3_lease(storage.join(pred_dir, ".lock"), holder):
-            yield
-        return
-    import fcntl
-
-    pred_dir = Path(pred_dir)
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    with open(pred_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise _locked(pred_dir, f.read().strip()) from None
-        f.seek(0)
-        f.truncate()
-        f.write(holder + "\n")  # for that message only
-        f.flush()
-        yield
-
-
-def _locked(pred_dir, holder: str) -> AnnotateError:
-    return AnnotateError(f"{pred_dir} is being written by another run ({holder or 'another process'}); wait for "
-                         "it to end or use another --out")
-
-
-def lock_ttl() -> float:
-    """Seconds an s3:// lease lives without a heartbeat (DART_S3_LOCK_TTL, default 120)."""
-    import os
-
-    return float(os.environ.get("DART_S3_LOCK_TTL", "120"))
-
-
-@contextmanager
-def _s3_lease(url: str, holder: str):
-    """A lease on an s3:// PRED: the object PRED/.lock, created with a conditional PUT
-    (If-None-Match: *, so of two runs starting at once exactly one gets it), renewed every TTL/4 by
-    a heartbeat thread (PUT If-Match: the lease's ETag), deleted at the end. A lease not renewed for
-    DART_S3_LOCK_TTL seconds (its holder was killed) is taken over with a PUT If-Match on the stale
-    ETag, so again only one run wins. Ages are measured on the server's clock (its Date header
-    minus the object's Last-Modified). Needs conditional writes: AWS S3 (since 2024), MinIO, moto."""
-    import threading
-    import uuid
-    from email.utils import parsedate_to_datetime
-
-    from botocore.exceptions import ClientError
-
-    from dart_core import storage
-
-    ttl = lock_ttl()
-    bucket, key = storage.split_s3(url)
-    body = json.dumps({"holder": holder, "token": uuid.uuid4().hex, "ttl_s": ttl}).encode()
-    client = storage.s3_client()
-
-    def refused(e: ClientError) -> bool:  # another writer won the conditional PUT
-        return storage._code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-
-    try:
-        etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
-    except ClientError as e:
-        if not refused(e):
-            raise
-        try:
-            head = client.get_object(Bucket=bucket, Key=key)
-        except ClientError as e2:
-            if storage._missing(e2):  # released in between: try once more, conditionally
-                head = None
-            else:
-                raise
-        if head is None:
-            try:
-                etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
-            except ClientError as e3:
-                if refused(e3):
-                    raise _locked(url.rsplit("/", 1)[0], "another process") from None
-                raise
-        else:
-            try:
-                old = json.loads(head["Body"].read())
-            except ValueError:
-                old = {}
-            date = head["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-            now = parsedate_to_datetime(date) if date else None
-            age = (now - head["LastModified"]).total_seconds() if now else 0.0
-            if age <= float(old.get("ttl_s", ttl)):
-                raise _locked(url.rsplit("/", 1)[0], str(old.get("holder", ""))) from None
-            try:  # stale: its holder stopped renewing it; take it over, exactly one taker wins
-                etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=head["ETag"])["ETag"]
-            except ClientError as e3:
-                if refused(e3) or storage._missing(e3):
-                    raise _locked(url.rsplit("/", 1)[0], "another process") from None
-                raise
-    state = {"etag": etag, "lost": False}
-    stop = threading.Event()
-
-    def heartbeat():
-        while not stop.wait(ttl / 4):
-            try:
-                state["etag"] = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=state["etag"])["ETag"]
-            except ClientError as e:
-                if refused(e) or storage._missing(e):
-                    state["lost"] = True
-                    return
-            except Exception:  # noqa: BLE001 - a network blip: the next beat tries again
-                pass
-
-    beat = threading.Thread(target=heartbeat, name="dart-s3-lease", daemon=True)
-    beat.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beat.join()
-        if not state["lost"]:
-            try:
-                if client.head_object(Bucket=bucket, Key=key)["ETag"] == state["etag"]:
-                    client.delete_object(Bucket=bucket, Key=key)
-            except ClientError:
-                pass
-        else:
-            import warnings
-
-            warnings.warn(f"{url}: this run's lease was taken over by another run while it ran", stacklevel=2)
-
-
-def _remove_outputs(pred_dir: str | Path) -> None:
-    """Delete a PRED's predictions: the done markers first (readers stop counting those shards),
-    then the tables, vocab/ and run.json."""
-    from dart_core import storage
-
-    names = ("_done", *TABLES, "vocab", "_staging")
-    if storage.is_s3(pred_dir):
-        for name in names:
-            for o in storage.list_objects(storage.join(pred_dir, name)):
-                storage.delete(o.url)
-    else:
-        for name in names:
-            shutil.rmtree(Path(pred_dir) / name, ignore_errors=True)
-    storage.delete(storage.join(pred_dir, "run.json"))
-
-
-def prepare_output(pred_dir: str | Path, run_meta: dict, vocab: Vocabulary, thresholds: np.ndarray | None,
-                   mode: str = "new") -> None:
-    """Claim PRED (a folder or an s3:// prefix) for this run (call it under `output_lock`). mode:
-    new (refuse a folder holding another run's predictions), append (same run identity: continue /
-    add shards), overwrite (delete what is there). A run.json whose run finished no shard holds no
-    predictions: a run that failed or was stopped early never blocks the next, whatever its inputs were."""
-    import io
-
-    from dart_core import storage
-
-    run_file = storage.join(pred_dir, "run.json")
-    identity = {k: run_meta[k] for k in IDENTITY}
-    try:
-        old = json.loads(storage.read_bytes(run_file))
-    except FileNotFoundError:
-        old = None
-    if old is not None:
-        differs = identity_differences(old, identity)
-        if mode == "overwrite" or (differs and not done_shards(pred_dir)):
-            _remove_outputs(pred_dir)
-        elif differs and mode != "append":
-            raise AnnotateError(f"{pred_dir} holds predictions of another run ({differs}); pass --mode overwrite "
-                                "or use another --out")
-        elif differs:
-            raise AnnotateError(f"{pred_dir}: cannot append to the predictions there ({differs}): the tables "
-                                "would mix two models")
-    elif any(d in TABLES or d == "_done" for d in storage.list_dirs(pred_dir)):
-        if mode != "overwrite":
-            raise AnnotateError(f"{pred_dir} already holds prediction tables but no run.json; use --mode overwrite")
-        _remove_outputs(pred_dir)
-    buf = io.BytesIO()
-    pq.write_table(vocab_table(vocab, thresholds), buf)
-    storage.write_bytes(storage.join(pred_dir, "vocab", "vocab.parquet"), buf.getvalue())
-    storage.write_bytes(run_file, json.dumps(run_meta, indent=1).encode())
-
-
-def file_hash(path: str | Path | None) -> str | None:
-    import hashlib
-
-    if path is None:
-        return None
-    from dart_core import storage
-
-    h = hashlib.sha256()
-    with storage.open_read(path) as f:  # local or s3://
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-# ---- thresholds -------------------------------------------------------------------------------------
-
-def calibrate_thresholds(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, the score threshold maximising F1 on a labelled split (unknown labels ignored).
-
-    Returns (thresholds, best F1); NaN for a class without a positive. The threshold is the score of
-    the last positive kept, so `score >= threshold` reproduces the best F1 exactly."""
-    N, C = scores.shape
-    th = np.full(C, np.nan)
-    best = np.full(C, np.nan)
-    for c in range(C):
-        s_sorted, hits, n_pos = ranked_known(scores, labels, c)
-        if n_pos == 0:
-            continue
-        tp = np.cumsum(hits)
-        k = np.arange(1, len(s_sorted) + 1)
-        # cut only where the next score differs (a threshold cannot split tied scores)
-        cut = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-        f1 = np.where(cut, 2 * tp / (k + n_pos), -1.0)
-        i = int(np.argmax(f1))
-        th[c], best[c] = s_sorted[i], f1[i]
-    return th, best
-
-
-def read_thresholds(path: str | Path, vocab: Vocabulary) -> np.ndarray:
-    """thresholds.csv (class_id,threshold[,f1]) -> (C,) array aligned with `vocab` (NaN where absent)."""
-    import csv
-
-    th = np.full(len(vocab), np.nan)
-    index = {cid: i for i, cid in enumerate(vocab.ids)}
-    import io
-
-    from dart_core import storage
-
-    with io.StringIO(storage.read_bytes(path).decode("utf-8-sig"), newline="") as f:  # local or s3://
-        for lineno, row in enumerate(csv.DictReader(f), start=2):
-            cid = row.get("class_id", "")
-            if cid not in index:
-                continue  # a class of another vocabulary version: not used here
-            try:
-                th[index[cid]] = float(row["threshold"]) if row["threshold"] not in ("", "nan") else np.nan
-            except (KeyError, ValueError):
-                raise AnnotateError(f"{path} line {lineno}: threshold {row.get('threshold')!r} is not a number") from None
-    return th
-
-
-def read_shard_image(url: str, key: str) -> bytes:
-    """The jpg bytes of one sample of a shard, local or s3:// (for the audit report's thumbnails)."""
-    from dart_core import storage
-
-    jpg = member_names(key)[0]
-    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if m.name == jpg:
-                return tar.extractfile(m).read()
-    raise KeyError(f"{key} not in {url}")

@@ -1,19 +1,21 @@
 """Training loop (paper App. A): AdamW, cosine LR 1e-4 -> 1e-5 with 2 linear warm-up epochs,
 λ (WPS) annealed 1 -> 0, gradient clipping, bf16 autocast on CUDA, DDP under torchrun.
 
-The loop takes any re-iterable of batches (images, labels[, keys]); one pass = one epoch.
+The loop takes any re-iterable of batches (images, labels[, keys]); one pass = one epoch. It runs
+over global steps (epoch = step // steps_per_epoch) and resumes at a checkpoint's step.
 Checkpoints (rank 0 only) hold trainable weights + config + vocabulary + optimizer state and are
 written atomically; `fit` resumes from `out_dir/last.pt` when it exists.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -170,6 +172,210 @@ RANDOM_BACKBONE_REFUSED = (
     "weights file (--pretrained /path/to/file.pt, e.g. the demo's small VLP: see README, 'Your own data on a CPU')")
 
 
+def build_optimizer(model: DART, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """AdamW over the trainable weights, and those weights (for gradient clipping). The
+    zero-initialised gates (`is_gate`) get their own group: lr × cfg.gate_lr_mult, no weight decay;
+    each group's `lr_mult` scales the scheduled lr at every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gates = [p for n, p in model.named_parameters() if p.requires_grad and is_gate(n)]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not is_gate(n)]
+    groups = [{"params": others, "lr_mult": 1.0}]
+    if gates:
+        groups.append({"params": gates, "lr_mult": cfg.gate_lr_mult, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), params
+
+
+def resume(model: DART, opt: torch.optim.Optimizer, vocab: Vocabulary, last: Path, rank: int, world: int) -> dict | None:
+    """Load `last` (as rank 0 read it) into the model and the optimizer after a crash or a stop,
+    refusing a checkpoint of another vocabulary, DART config or backbone; the checkpoint's document
+    (step, history, best_val), or None when there is nothing to resume."""
+    doc = read_resume_state(last, rank, world)
+    if doc is None:
+        return None
+    check_vocabulary(doc, vocab, str(last), exact=True)
+    # the backbone weights are compared by content (a file may be named differently now)
+    if {**doc["config"], "pretrained": None} != {**model.cfg.to_dict(), "pretrained": None}:
+        raise ValueError(f"{last}: was trained with another DART config; use a new --out")
+    changed = backbone_change(doc, model)
+    if changed:
+        raise ValueError(f"{last}: was trained on other backbone weights ({changed}); use a new --out")
+    model.load_state_dict(doc["state_dict"], strict=False)
+    opt.load_state_dict(doc["optimizer"])
+    return doc
+
+
+def epoch_batches(data: Iterable, skip: int = 0) -> Iterator:
+    """One pass over `data` (one epoch) from its `skip`-th batch on: a resumed run goes on with the
+    epoch it was stopped in. Positioned without reading the batches before where the data allows it:
+    data with a `batches_from(skip)` method is asked, a sequence (a list of batches) is indexed.
+    Any other iterable (a streaming reader, RepeatingBatches) has no position to seek to, so its
+    first `skip` batches are read and dropped: the resumed run then takes the batches the
+    uninterrupted run would have taken (tests/test_train.py compares the two runs' losses)."""
+    if skip == 0:
+        return iter(data)
+    if callable(getattr(data, "batches_from", None)):
+        return iter(data.batches_from(skip))  # type: ignore[attr-defined]
+    if isinstance(data, Sequence):
+        return (data[i] for i in range(skip, len(data)))
+    return itertools.islice(iter(data), skip, None)
+
+
+class _Run:
+    """The state one `fit` carries from step to step: the model (and its DDP wrapper), the optimizer,
+    the history, the best validation so far, and the steps whose loss figures are not read yet."""
+
+    def __init__(self, model: DART, vocab: Vocabulary, out_dir: Path, cfg: TrainConfig, steps_per_epoch: int,
+                 device: torch.device, rank: int, world: int, log, val_data: Iterable | None):
+        self.model, self.vocab, self.cfg, self.device, self.rank, self.world, self.log = (
+            model, vocab, cfg, device, rank, world, log)
+        self.total = cfg.epochs * steps_per_epoch
+        self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        self.val_data, self.val_requested = val_data, val_data is not None
+        self.out_dir, self.last, self.best_path = out_dir, out_dir / "last.pt", out_dir / "model.pt"
+        model.to(device)
+        self.opt, self.params = build_optimizer(model, cfg)
+        self.step, self.history, self.best = 0, [], None  # step: the steps done
+        doc = resume(model, self.opt, vocab, self.last, rank, world)
+        if doc is not None:
+            self.step, self.history, self.best = int(doc["step"]), json.loads(doc["history"]), doc.get("best_val")
+            if rank == 0:
+                log(f"resumed from {self.last} at step {self.step}/{self.total}")
+        self.ddp = model
+        if world > 1:
+            # the buffers (text embeddings, class graph) are set identically on every rank and never
+            # change while training: no re-broadcast every step
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+        self.pending: list[tuple[dict, torch.Tensor]] = []
+        self.names: list[str] = []  # the loss terms' names, then "total" (the columns of the pending vectors)
+        self.t0, self.step0 = time.time(), self.step
+
+    def checkpoint(self, epoch_done: int) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.last, self.model, self.vocab,
+                            {"optimizer": self.opt.state_dict(), "step": self.step, "epoch": epoch_done,
+                             "train_config": asdict(self.cfg), "history": json.dumps(self.history),
+                             "best_val": self.best})
+        if self.world > 1:
+            dist.barrier()  # no rank runs ahead of (or stops before) the checkpoint it would resume from
+
+    def validate(self, epoch_done: int) -> None:
+        """Rank 0 scores the whole validation set (the other ranks go on to the next collective)."""
+        if self.val_data is None or self.rank != 0:
+            return
+        score = seen_map(self.model, self.val_data, self.device)
+        if math.isnan(score):
+            self.log("the validation slice holds no positive label (or no sample): no validation; "
+                     "model.pt will be the last epoch")
+            self.val_data = None
+            return
+        improved = self.best is None or score > self.best["mAP"]
+        if improved:
+            self.best = {"mAP": score, "epoch": epoch_done, "step": self.step}
+            save_checkpoint(self.best_path, self.model, self.vocab,
+                            {"step": self.step, "train_config": asdict(self.cfg), "best_val": self.best})
+        self.history.append({"epoch": epoch_done, "step": self.step, "val_seen_mAP": score, "best": improved})
+        note = "best" if improved else f"best {100 * self.best['mAP']:.2f} at epoch {self.best['epoch']}"
+        self.log(f"epoch {epoch_done}/{self.cfg.epochs} validation seen mAP {100 * score:.2f} ({note})")
+
+    def flush(self) -> dict[str, float]:
+        """The pending steps' loss terms and gradient norms into `history`, with one host sync (and,
+        under DDP, one all-reduce: the logged total is the global-batch mean, as one process would
+        see it); a non-finite loss stops training here, before any checkpoint is written."""
+        pending, names = self.pending, self.names
+        if not pending:
+            return {}
+        stacked = torch.stack([v for _, v in pending])  # (steps, terms + total + grad_norm)
+        if self.world > 1:
+            total_col = stacked[:, len(names) - 1].clone()
+            dist.all_reduce(total_col)
+            stacked[:, len(names) - 1] = total_col / self.world
+        rows = stacked.tolist()
+        for (rec, _), row in zip(pending, rows):
+            parts = dict(zip(names, row))
+            if not math.isfinite(parts["total"]):
+                pending.clear()
+                raise NonFiniteLossError(
+                    f"loss is {parts['total']} at epoch {rec['epoch']} step {rec['step'] - 1} ({parts}); training "
+                    f"stopped. The last good checkpoint is {self.last if self.last.exists() else 'not written yet'}.")
+            self.history.append({**{k: rec[k] for k in ("step", "epoch", "lr", "lambda")}, "grad_norm": row[-1],
+                                 **parts, **{k: v for k, v in rec.items() if k not in ("step", "epoch", "lr", "lambda")}})
+        pending.clear()
+        return parts
+
+    def train_step(self, batch, step: int, epoch: int) -> None:
+        """One optimisation step on `batch`, global step index `step` (0-based) of epoch `epoch`
+        (0-based); its figures stay on the device until the next log line or checkpoint."""
+        model, cfg, total = self.model, self.cfg, self.total
+        images, labels = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
+        if labels.shape[1] != len(self.vocab):
+            raise ValueError(f"labels have {labels.shape[1]} classes, the vocabulary has {len(self.vocab)}")
+        lam = lambda_at(step, total, cfg.lam_start, cfg.lam_end)
+        for g in self.opt.param_groups:
+            g["lr"] = g["lr_mult"] * lr_at(step, total, self.warmup, cfg.lr, cfg.min_lr)
+        watch = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == total
+        with self.autocast:
+            out = self.ddp(images)
+        # the losses in fp32, outside autocast (the model's scores already are fp32)
+        terms = loss_terms(out, labels, lam, model.cfg)
+        loss, stats = weighted_total(terms)
+        self.names[:] = [*terms, "total"]
+        diag = term_diagnostics(model, terms, out) if watch else {}
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+        self.opt.step()
+        self.step = step + 1
+        # reading the figures every step would stall the GPU on a host sync each step
+        self.pending.append(({"step": self.step, "epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"],
+                              "lambda": lam, **diag},
+                             torch.cat([stats, grad_norm.detach().float().reshape(1).to(stats.device)])))
+        if watch:
+            self.log_line(self.flush(), diag, epoch, lam, len(labels))
+
+    def log_line(self, parts: dict[str, float], diag: dict[str, float], epoch: int, lam: float, batch: int) -> None:
+        if self.rank != 0:
+            return
+        terms_txt = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+        # a term that cannot reach a module (WPS, penalty on the ATM) is left out of the line
+        grads_txt = " ".join(f"{k[5:]} {v:.2g}" for k, v in diag.items() if k.startswith("grad_") and v)
+        step, total = self.step, self.total
+        self.log(f"epoch {epoch + 1}/{self.cfg.epochs} step {step}/{total} {terms_txt} | grad {grads_txt} | "
+                 f"|Δx̃|/|x| {diag.get('delta_rel', 0):.3f} α {diag.get('alpha', 0):.3f} "
+                 f"lr {self.history[-1]['lr']:.2e} λ {lam:.2f} | "
+                 f"{progress(step - self.step0, total - step, time.time() - self.t0, batch * self.world)}")
+
+    def end_of_epoch(self, epoch_done: int) -> None:
+        """Epoch `epoch_done` (1-based) is over: its figures read, validated, checkpointed."""
+        self.flush()
+        self.validate(epoch_done)
+        self.checkpoint(epoch_done)
+
+    def finish(self) -> list[dict]:
+        """history.jsonl and (without validation) model.pt written; with validation the model is left
+        with model.pt's weights (the best epoch). The history is returned."""
+        model, rank = self.model, self.rank
+        if rank == 0:
+            (self.out_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            if self.val_data is None:
+                save_checkpoint(self.best_path, model, self.vocab, {"step": self.step, "train_config": asdict(self.cfg)})
+        if self.world > 1 and self.val_requested:
+            dist.barrier()  # rank 0 has written model.pt
+            self.val_data = self.val_data if self.best_path.exists() else None
+        if self.val_data is not None:
+            doc = read_checkpoint(self.best_path)
+            model.load_state_dict(doc["state_dict"], strict=False)
+            if rank == 0:
+                b = doc["best_val"]
+                self.log(f"model.pt: the weights after epoch {b['epoch']} (validation seen mAP {100 * b['mAP']:.2f})")
+        model.eval()
+        return self.history
+
+
+_NO_BATCH = object()  # what next() gives when an epoch's pass ends early
+
+
 def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg: TrainConfig,
         steps_per_epoch: int | None = None, device: str = "cpu", log=print,
         val_data: Iterable | None = None) -> list[dict]:
@@ -177,7 +383,11 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
     record per step (loss terms, lr, λ, gradient norm; every `log_every` steps also each term's
     gradient norm on the ARM and the ATM, |Δx̃|/|x| and α) and, with `val_data`, one per epoch with
     the validation mAP. With `val_data`, model.pt is the best validation epoch and the model is
-    left with those weights; last.pt is always the latest state (for resume)."""
+    left with those weights; last.pt is always the latest state (for resume).
+
+    One loop over the global steps (as nanoGPT's): the epoch is step // steps_per_epoch, each epoch
+    is one pass over `data`, validation and a checkpoint close every epoch, and a checkpoint is also
+    written every cfg.checkpoint_every steps; a resumed run starts at the checkpoint's step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # epochs=0 writes the untrained model (a baseline)
     rank, world = init_distributed(device)
@@ -189,168 +399,27 @@ def fit(model: DART, data: Iterable, vocab: Vocabulary, out_dir: str | Path, cfg
             raise ValueError("steps_per_epoch is required when the data has no len()") from None
     if steps_per_epoch < 1:
         raise ValueError("no training batches: the data is empty or smaller than one batch")
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     torch.manual_seed(cfg.seed)
-
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    gates = [p for n, p in model.named_parameters() if p.requires_grad and is_gate(n)]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not is_gate(n)]
-    groups = [{"params": others, "lr_mult": 1.0}]
-    if gates:
-        groups.append({"params": gates, "lr_mult": cfg.gate_lr_mult, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history, best = 0, [], None
-    last, best_path = out_dir / "last.pt", out_dir / "model.pt"
-    doc = read_resume_state(last, rank, world)
-    if doc is not None:  # resume after a crash or a stop
-        check_vocabulary(doc, vocab, str(last), exact=True)
-        # the backbone weights are compared by content (a file may be named differently now)
-        if {**doc["config"], "pretrained": None} != {**model.cfg.to_dict(), "pretrained": None}:
-            raise ValueError(f"{last}: was trained with another DART config; use a new --out")
-        changed = backbone_change(doc, model)
-        if changed:
-            raise ValueError(f"{last}: was trained on other backbone weights ({changed}); use a new --out")
-        model.load_state_dict(doc["state_dict"], strict=False)
-        opt.load_state_dict(doc["optimizer"])
-        step = int(doc["step"])
-        history = json.loads(doc["history"])
-        best = doc.get("best_val")
-        if rank == 0:
-            log(f"resumed from {last} at step {step}/{total}")
-    ddp = model
-    if world > 1:
-        # the buffers (text embeddings, class graph) are set identically on every rank and never
-        # change while training: no re-broadcast every step
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        broadcast_buffers=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-
-    def checkpoint(epoch_done: int) -> None:
-        if rank == 0:
-            save_checkpoint(last, model, vocab, {"optimizer": opt.state_dict(), "step": step, "epoch": epoch_done,
-                                                 "train_config": asdict(cfg), "history": json.dumps(history),
-                                                 "best_val": best})
-        if world > 1:
-            dist.barrier()  # no rank runs ahead of (or stops before) the checkpoint it would resume from
-
-    def validate(epoch_done: int) -> None:
-        """Rank 0 scores the whole validation set (the other ranks go on to the next collective)."""
-        nonlocal best, val_data
-        if val_data is None or rank != 0:
-            return
-        score = seen_map(model, val_data, device)
-        if math.isnan(score):
-            log("the validation slice holds no positive label (or no sample): no validation; "
-                "model.pt will be the last epoch")
-            val_data = None
-            return
-        improved = best is None or score > best["mAP"]
-        if improved:
-            best = {"mAP": score, "epoch": epoch_done, "step": step}
-            save_checkpoint(best_path, model, vocab, {"step": step, "train_config": asdict(cfg), "best_val": best})
-        history.append({"epoch": epoch_done, "step": step, "val_seen_mAP": score, "best": improved})
-        note = "best" if improved else f"best {100 * best['mAP']:.2f} at epoch {best['epoch']}"
-        log(f"epoch {epoch_done}/{cfg.epochs} validation seen mAP {100 * score:.2f} ({note})")
-
-    pending: list[tuple[dict, torch.Tensor]] = []
-    names: list[str] = []  # the loss terms' names, then "total" (the columns of the pending vectors)
-
-    def flush() -> dict[str, float]:
-        """The pending steps' loss terms and gradient norms into `history`, with one host sync (and,
-        under DDP, one all-reduce: the logged total is the global-batch mean, as one process would
-        see it); a non-finite loss stops training here, before any checkpoint is written."""
-        if not pending:
-            return {}
-        stacked = torch.stack([v for _, v in pending])  # (steps, terms + total + grad_norm)
-        if world > 1:
-            total_col = stacked[:, len(names) - 1].clone()
-            dist.all_reduce(total_col)
-            stacked[:, len(names) - 1] = total_col / world
-        rows = stacked.tolist()
-        for (rec, _), row in zip(pending, rows):
-            parts = dict(zip(names, row))
-            if not math.isfinite(parts["total"]):
-                pending.clear()
-                raise NonFiniteLossError(
-                    f"loss is {parts['total']} at epoch {rec['epoch']} step {rec['step'] - 1} ({parts}); training "
-                    f"stopped. The last good checkpoint is {last if last.exists() else 'not written yet'}.")
-            history.append({**{k: rec[k] for k in ("step", "epoch", "lr", "lambda")}, "grad_norm": row[-1],
-                            **parts, **{k: v for k, v in rec.items() if k not in ("step", "epoch", "lr", "lambda")}})
-        pending.clear()
-        return parts
-
-    val_requested = val_data is not None
-    if val_data is not None and step == 0 and best is None:
-        validate(0)  # the frozen VLP's own score: training must beat it to replace it
+    run = _Run(model, vocab, out_dir, cfg, steps_per_epoch, device, rank, world, log, val_data)
+    if run.val_data is not None and run.step == 0 and run.best is None:
+        run.validate(0)  # the frozen VLP's own score: training must beat it to replace it
     model.train()
-    t0, step0 = time.time(), step
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        n_in_epoch = 0
-        for i, batch in enumerate(data):
-            if i < skip:  # resumed mid-epoch: these batches were already consumed
-                continue
-            if n_in_epoch + skip >= steps_per_epoch or step >= total:
-                break
-            images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
-            if labels.shape[1] != len(vocab):
-                raise ValueError(f"labels have {labels.shape[1]} classes, the vocabulary has {len(vocab)}")
-            lam = lambda_at(step, total, cfg.lam_start, cfg.lam_end)
-            for g in opt.param_groups:
-                g["lr"] = g["lr_mult"] * lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            watch = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == total
-            with autocast:
-                out = ddp(images)
-            # the losses in fp32, outside autocast (the model's scores already are fp32)
-            terms = loss_terms(out, labels, lam, model.cfg)
-            loss, stats = weighted_total(terms)
-            names[:] = [*terms, "total"]
-            diag = term_diagnostics(model, terms, out) if watch else {}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
-            opt.step()
-            step += 1
-            n_in_epoch += 1
-            # the step's figures stay on the device until the next log line or checkpoint: reading
-            # them every step would stall the GPU on a host sync each step
-            pending.append(({"step": step, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam, **diag},
-                            torch.cat([stats, grad_norm.detach().float().reshape(1).to(stats.device)])))
-            if watch:
-                parts = flush()
-                if rank == 0:
-                    terms_txt = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
-                    # a term that cannot reach a module (WPS, penalty on the ATM) is left out of the line
-                    grads_txt = " ".join(f"{k[5:]} {v:.2g}" for k, v in diag.items() if k.startswith("grad_") and v)
-                    log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} {terms_txt} | grad {grads_txt} | "
-                        f"|Δx̃|/|x| {diag.get('delta_rel', 0):.3f} α {diag.get('alpha', 0):.3f} "
-                        f"lr {history[-1]['lr']:.2e} λ {lam:.2f} | "
-                        f"{progress(step - step0, total - step, time.time() - t0, len(labels) * world)}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                flush()
-                checkpoint(epoch)
-        if n_in_epoch + skip < steps_per_epoch and step < total:
-            raise ValueError(f"the data gave {n_in_epoch + skip} batches in epoch {epoch + 1}, expected {steps_per_epoch}")
-        flush()
-        validate(epoch + 1)
-        checkpoint(epoch + 1)
-    if rank == 0:
-        (out_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        if val_data is None:
-            save_checkpoint(best_path, model, vocab, {"step": step, "train_config": asdict(cfg)})
-    if world > 1 and val_requested:
-        dist.barrier()  # rank 0 has written model.pt
-        val_data = val_data if best_path.exists() else None
-    if val_data is not None:
-        doc = read_checkpoint(best_path)
-        model.load_state_dict(doc["state_dict"], strict=False)
-        if rank == 0:
-            b = doc["best_val"]
-            log(f"model.pt: the weights after epoch {b['epoch']} (validation seen mAP {100 * b['mAP']:.2f})")
-    model.eval()
-    return history
+    run.t0 = time.time()
+    batches = None
+    for step in range(run.step, run.total):
+        epoch, pos = divmod(step, steps_per_epoch)
+        if batches is None or pos == 0:
+            batches = epoch_batches(data, pos)  # pos > 0: resumed mid-epoch
+        batch = next(batches, _NO_BATCH)
+        if batch is _NO_BATCH:
+            raise ValueError(f"the data gave {pos} batches in epoch {epoch + 1}, expected {steps_per_epoch}")
+        run.train_step(batch, step, epoch)
+        if pos + 1 == steps_per_epoch:
+            run.end_of_epoch(epoch + 1)
+        elif cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            run.flush()
+            run.checkpoint(epoch)
+    return run.finish()
 
 
 def progress(done_steps: int, left_steps: int, seconds: float, global_batch: int) -> str:
@@ -371,7 +440,14 @@ class RepeatingBatches:
     """Exactly `steps` batches per pass, drawn from an endless repetition of `data`.
 
     A streaming reader splits shards across ranks and workers, so one pass can hold a different
-    number of batches on each rank; DDP needs every rank to take the same number of steps."""
+    number of batches on each rank; DDP needs every rank to take the same number of steps.
+
+    It has no `batches_from(skip)` (`epoch_batches`): a run resumed mid-epoch reads and drops the
+    first `skip` batches of a fresh stream, as before. The webdataset reader cannot seek: shards are
+    tar streams read front to back, and the seeded shuffle buffer spans shard boundaries and is split
+    by rank and worker, so the k-th batch depends on every sample read before it — skipping whole
+    shards would change the batches, not just start later. Positioning cheaply would need the reader
+    to skip decoding (the costly part) for the dropped samples."""
 
     def __init__(self, data: Iterable, steps: int):
         self.data, self.steps, self._it = data, steps, None

@@ -42,6 +42,7 @@ USER_ERRORS = {
     "dart_core.data.shard_writer": ("ShardWriteError",),
     "dart_core.evaluate": ("PredictionsError",),
     "dart_core.infer": ("AnnotateError",),
+    "dart_core.predictions": ("AnnotateError",),
     "flows.shard": ("ShardRunError",),
     "botocore.exceptions": ("ClientError", "BotoCoreError"),  # bucket or key missing, no credentials
     "boto3.exceptions": ("Boto3Error",),
