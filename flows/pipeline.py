@@ -74,7 +74,7 @@ class PipelineOptions:
     val_share: float = 0.05
     nproc: int = 1
     device: str = "cpu"
-    train_workers: int = 0
+    train_workers: int | None = None
     annotate_batch_size: int = 64
     top_m: int = 10
     task_runner: str = "threads"
@@ -278,7 +278,7 @@ def pipeline_flow(source: str, format: str, out: str, test_source: str | None = 
                   crg_model: str = "gpt-4o", base_url: str | None = None, api_key_block: str | None = None,
                   neighbors: int = 8, backbone: str = "ViT-B-16", pretrained: str = "openai",
                   model_cfg: dict | None = None, epochs: int = 20, batch_size: int = 256, lr: float = 1e-4,
-                  val_share: float = 0.05, nproc: int = 1, device: str = "cpu", train_workers: int = 0,
+                  val_share: float = 0.05, nproc: int = 1, device: str = "cpu", train_workers: int | None = None,
                   annotate_batch_size: int = 64, top_m: int = 10, task_runner: str = "threads",
                   annotate_workers: int | None = None, ks: list[int] | None = None, audit: bool = True,
                   audit_limit: int = 2000) -> dict:

@@ -23,7 +23,7 @@ def count_samples(shards_root: str) -> int:
 
 @task(name="train-dart")
 def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
-               crg: str | None, crg_source: str, device: str, num_workers: int, val_shards: str | None = None) -> str:
+               crg: str | None, crg_source: str, device: str, num_workers: int | None, val_shards: str | None = None) -> str:
     from dart_core.data.reader import require_shards
     from dart_core.vocab import Vocabulary
 
@@ -63,7 +63,7 @@ def check_ranks(nproc: int, device: str) -> None:
 
 @task(name="train-dart-ranks")
 def train_ranks_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
-                     crg: str | None, crg_source: str, device: str, num_workers: int, val_shards: str | None,
+                     crg: str | None, crg_source: str, device: str, num_workers: int | None, val_shards: str | None,
                      nproc: int) -> str:
     """`nproc` ranks under torchrun (flows.ranks): their lines stream into this task's log, a rank's
     failure fails the task with that rank's error, a stop (Ctrl-C, cancel) stops every rank."""
@@ -104,7 +104,7 @@ def train_ranks_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dic
 @flow(name="train")
 def train_flow(shards: str, classes_csv: str, out_dir: str, model_cfg: dict | None = None,
                train_cfg: dict | None = None, crg: str | None = None, crg_source: str = "file",
-               device: str = "cpu", num_workers: int = 0, val_shards: str | None = None, nproc: int = 1) -> str:
+               device: str = "cpu", num_workers: int | None = None, val_shards: str | None = None, nproc: int = 1) -> str:
     """DART on shards, in this process (nproc=1) or on `nproc` ranks under torchrun, launched and
     watched here (one per GPU with device="cuda"; gloo processes on CPU). Reruns resume from last.pt."""
     if nproc > 1:

@@ -52,7 +52,9 @@ def test_flow_on_two_gloo_ranks_matches_one_process_with_the_doubled_batch(tmp_p
     wa, wb = read_checkpoint(one)["state_dict"], read_checkpoint(two)["state_dict"]
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        # Adam divides by sqrt(v): a weight whose gradient is ~0 moves by up to ~lr either way, so the
+        # float-order noise of another batch order shows as ~1e-5 there after 3 steps at lr 1e-3
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=5e-5)
 
 
 def test_a_rank_error_fails_the_flow_with_that_ranks_message(tmp_path, tiny_clip_ckpt, prefect_harness):

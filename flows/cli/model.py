@@ -29,7 +29,7 @@ def train(
     batch_size: int = typer.Option(256, min=1, help="Samples per optimiser step (per process under torchrun)."),
     lr: float = typer.Option(1e-4, callback=check.positive, help="Peak learning rate (AdamW; warm-up, then cosine)."),
     device: str = typer.Option("cpu", callback=check.device, help=check.DEVICE_HELP),
-    workers: int = typer.Option(0, min=0, help="DataLoader workers for decoding."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers for decoding, per process (default: 0 on the CPU, min(8, cores - 1) on a GPU)."),
     nproc: int = typer.Option(1, "--nproc", "--gpus", min=1, help="Training processes launched under torchrun by the "
                               "flow (DDP; one per GPU with --device cuda, gloo processes on CPU); --batch-size is per process."),
     arm_layers: int = typer.Option(1, min=1, help="ARM layers, beside the last N frozen ViT blocks."),
