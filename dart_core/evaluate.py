@@ -12,12 +12,12 @@ fetching only objects whose ETag changed, and runs the same views over the mirro
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import duckdb
 
 import sql as sqlfiles
+from dart_core.settings import settings
 
 
 class PredictionsError(ValueError):
@@ -48,7 +48,7 @@ def cache_dir(pred_url: str) -> Path:
     """The local mirror of an s3:// PRED: $DART_CACHE_DIR (default ~/.cache/dart)/pred/<hash of the URL>."""
     import hashlib
 
-    root = Path(os.environ.get("DART_CACHE_DIR") or Path.home() / ".cache" / "dart")
+    root = settings().cache_dir
     return root / "pred" / hashlib.sha256(pred_url.rstrip("/").encode()).hexdigest()[:16]
 
 
@@ -95,7 +95,7 @@ def mirror(pred_url: str) -> Path:
                                        "(a `--mode overwrite` run?); try again") from None
             tmp.replace(local)
 
-        threads = int(os.environ.get("DART_S3_READ_THREADS", "16"))
+        threads = settings().s3_read_threads
         with ThreadPoolExecutor(max(1, threads)) as pool:
             list(pool.map(fetch, want))
         keep = set(want)

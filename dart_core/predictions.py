@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dart_core.data.shard_format import member_names
+from dart_core.settings import settings
 from dart_core.vocab import Vocabulary
 
 TABLES = ("scores", "tags", "labels", "errors")
@@ -140,9 +141,7 @@ def _locked(pred_dir, holder: str) -> AnnotateError:
 
 def lock_ttl() -> float:
     """Seconds an s3:// lease lives without a heartbeat (DART_S3_LOCK_TTL, default 120)."""
-    import os
-
-    return float(os.environ.get("DART_S3_LOCK_TTL", "120"))
+    return settings().s3_lock_ttl
 
 
 @contextmanager

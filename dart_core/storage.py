@@ -12,8 +12,9 @@ and two small objects over them:
 The S3 client takes endpoint, region and credentials from the usual AWS environment / profile
 (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for MinIO and the tests' moto server); botocore's
 "standard" retry mode retries throttling and 5xx answers with exponential backoff and jitter
-(DART_S3_MAX_ATTEMPTS attempts, default 8). One client per process, re-created after a fork or in
-a spawned worker: a boto3 client is never shared across processes. Large uploads go multipart.
+(DART_S3_MAX_ATTEMPTS attempts, default 8; both read through dart_core.settings). One client per
+process, re-created after a fork or in a spawned worker: a boto3 client is never shared across
+processes. Large uploads go multipart.
 Errors name the URL and the S3 error code, never a credential.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+from dart_core.settings import settings
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 _MISSING = ("404", "NoSuchKey", "NotFound")
@@ -64,11 +67,11 @@ def s3_client():
         import boto3
         from botocore.config import Config
 
-        max_attempts = int(os.environ.get("DART_S3_MAX_ATTEMPTS", "8"))
+        s = settings()  # read when the client is created (tests change the endpoint, then reset_client)
         _client = boto3.session.Session().client(
             "s3",
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
-            config=Config(retries={"mode": "standard", "max_attempts": max_attempts}),
+            endpoint_url=s.s3_endpoint_url,
+            config=Config(retries={"mode": "standard", "max_attempts": s.s3_max_attempts}),
         )
         _client_pid = os.getpid()
     return _client

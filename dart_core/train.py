@@ -23,6 +23,7 @@ import torch.distributed as dist
 from dart_core.checkpoint import backbone_change, check_vocabulary, read_checkpoint, save_checkpoint
 from dart_core.losses import loss_terms, weighted_total
 from dart_core.model import DART
+from dart_core.settings import settings
 from dart_core.vocab import Vocabulary
 
 
@@ -80,13 +81,13 @@ def is_gate(name: str) -> bool:
 def backend_for(device: str | torch.device) -> str:
     """NCCL for ranks on CUDA devices, gloo for ranks on the CPU (whether or not a GPU exists);
     DART_DIST_BACKEND overrides (gloo lets two ranks share one GPU, which NCCL refuses)."""
-    return os.environ.get("DART_DIST_BACKEND") or ("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return settings().dist_backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
 
 
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
     """(rank, world) — initialises the process group when launched by torchrun with WORLD_SIZE > 1,
     with the backend that fits `device`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = settings().world_size
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend_for(device))
     if dist.is_initialized():
@@ -98,9 +99,10 @@ def rank_device(device: str, log=print) -> str:
     """The device of this process: under torchrun (WORLD_SIZE > 1) a CUDA device is always the
     rank's own, cuda:LOCAL_RANK, whatever index was asked for (every rank on cuda:0 would share one
     GPU); elsewhere `device` as given."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.device(device).type != "cuda":
+    s = settings()
+    if s.world_size <= 1 or torch.device(device).type != "cuda":
         return device
-    local = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    local = f"cuda:{s.local_rank or 0}"
     if device not in ("cuda", local):
         log(f"--device {device} under torchrun: this rank uses {local} (one GPU per rank)")
     torch.cuda.set_device(local)

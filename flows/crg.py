@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from dart_core import storage
+from dart_core.settings import settings
 
 
 @dataclass
@@ -58,8 +59,7 @@ class MineResult:
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dart-annotate", "crg-answers")
+    return os.path.join(settings().xdg_cache_home, "dart-annotate", "crg-answers")
 
 
 def read_vocab(url: str):
@@ -113,7 +113,7 @@ def make_embed_fn(backbone: str, pretrained: str) -> Callable:
 
 
 def resolve_api_key(api_key_block: str | None) -> str | None:
-    key = os.environ.get("OPENAI_API_KEY")
+    key = settings().openai_api_key  # never logged: Settings' repr leaves it out
     if key:
         return key
     if api_key_block:
@@ -124,7 +124,8 @@ def resolve_api_key(api_key_block: str | None) -> str | None:
 
 
 def endpoint_configured(base_url: str | None, api_key: str | None) -> bool:
-    return bool(base_url or os.environ.get("OPENAI_BASE_URL") or api_key)
+    """An LLM endpoint to mine from: `base_url`, else OPENAI_BASE_URL, or an API key."""
+    return bool(base_url or settings().openai_base_url or api_key)
 
 
 def run_mining(opt: MineOptions, log: Callable[[str], None] = print) -> MineResult:

@@ -36,6 +36,11 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from dart_core.settings import settings
+
+# A private protocol between the launcher (flow process) and its children (torchrun, the ranks): set
+# by `launch`, read here, never by a user, so these are not in dart_core.settings (docs/design.md,
+# "Settings"). torchrun's own RANK / WORLD_SIZE / LOCAL_RANK are read through dart_core.settings.
 ERRORS_ENV = "DART_RANK_ERRORS"  # folder: rank-<r>.pid at start, rank-<r>.json on an exception
 REPORT_ENV = "DART_LAUNCH_REPORT"  # torchrun's account of the failed ranks (exit codes)
 PARENT_ENV = "DART_LAUNCH_PARENT"  # pid of the flow process that started torchrun
@@ -251,8 +256,8 @@ def _is_peer_loss(e: BaseException) -> bool:
 def run_rank(spec_file: str) -> int:
     """One rank: DART on shards (dart_core.train.train_on_shards, DDP inside)."""
     _set_parent_death_signal(signal.SIGKILL)  # torchrun gone (even by kill -9): this rank goes too
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    s = settings()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
+    rank, world, local_rank = s.rank, s.world_size, s.local_rank or 0
     errors = Path(os.environ[ERRORS_ENV]) if ERRORS_ENV in os.environ else None
     if errors is not None:
         (errors / f"rank-{rank}.pid").write_text(str(os.getpid()))

@@ -1,10 +1,11 @@
 """Prefect flow `train`: DART on shards. The task receives paths and returns the checkpoint path."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+
+from dart_core.settings import settings
 
 
 def shard_sample_counts(shards: list[str]) -> list[int]:
@@ -48,7 +49,7 @@ def check_ranks(nproc: int, device: str) -> None:
         raise ValueError(f"--nproc {nproc}: must be at least 1")
     if nproc == 1:
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if settings().world_size > 1:
         raise ValueError(f"--nproc {nproc} inside a torchrun rank: launch either with torchrun or with --nproc, not both")
     if device.startswith("cuda:"):
         raise ValueError(f"--device {device} names one GPU; with --nproc {nproc} pass --device cuda "

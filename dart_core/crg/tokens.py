@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
+
+from dart_core.settings import settings
 
 # cl100k_base's pre-tokenizer (tiktoken_ext/openai_public.py), used by the approximation
 _CL100K_PAT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -41,9 +42,8 @@ def _cached_bpe_available(encoding: str) -> bool:
     url = _BPE_URLS.get(encoding)
     if url is None:
         return False
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") \
-        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    return bool(cache_dir) and os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
+    cache_dir = settings().tiktoken_cache_dir  # where tiktoken itself looks (TIKTOKEN_CACHE_DIR, ...)
+    return os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
 
 
 def approx_counter() -> TokenCounter:

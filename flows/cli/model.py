@@ -1,11 +1,11 @@
 """`dart train` and `dart info`."""
 from __future__ import annotations
 
-import os
 from typing import Literal, Optional
 
 import typer
 
+from dart_core.settings import settings
 from flows.cli import _options as check
 from flows.cli._app import app
 
@@ -65,8 +65,8 @@ def train(
         import torch
         if not torch.cuda.is_available():
             _fail(f"--device {device} but no CUDA device is available")
-        if "LOCAL_RANK" in os.environ and device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        if (local_rank := settings().local_rank) is not None and device == "cuda":
+            device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
     model_cfg = dict(backbone=backbone, pretrained=None if pretrained.lower() == "none" else pretrained,
                      arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=arm, use_wps=wps, use_atm=atm)
@@ -76,7 +76,7 @@ def train(
         from flows.train import check_ranks
 
         check_ranks(nproc, device)  # before the flow starts: --device cuda:N, too few GPUs, inside torchrun
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if settings().world_size > 1:
         # under torchrun every rank trains; Prefect would start one flow run per rank
         from dart_core.model import DARTConfig
         from dart_core.train import TrainConfig, train_on_shards
