@@ -65,6 +65,20 @@ class Vocabulary:
         validate(ids, names, splits, where=where, first_line=2)
         return cls(tuple(ids), tuple(names), tuple(splits))
 
+    def csv_text(self) -> str:
+        """The classes.csv text: header `id,name,split`, one row per class in order, LF line ends."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["id", "name", "split"])
+        w.writerows(zip(self.ids, self.names, self.splits))
+        return buf.getvalue()
+
+    def write(self, url: str | Path) -> None:
+        """Write `csv_text()` to `url`, local (atomic) or s3:// (dart_core.storage)."""
+        from dart_core import storage
+
+        storage.write_bytes(storage.join(url), self.csv_text().encode())
+
     def write_csv(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,3 +156,19 @@ def validate(ids, names, splits, where: str, first_line: int | None = None) -> N
             raise VocabularyError(f"{at(i)}: duplicate class name {name!r} (first at {at(seen_names[key])})")
         seen_ids[cid] = i
         seen_names[key] = i
+
+
+def for_output(existing: Vocabulary | None, vocab: Vocabulary, mode: str, where: str) -> Vocabulary:
+    """The vocabulary an output (a shards root's classes.csv at `where`, holding `existing` or
+    None) gets when `vocab`'s data is added in `mode`: overwrite and a new output take `vocab`;
+    extend appends its new classes after the existing ones (class indices stay valid); incremental
+    requires the two to be equal (VocabularyError naming `where` otherwise)."""
+    if existing is None or mode == "overwrite":
+        return vocab
+    if mode == "extend":
+        return existing.extend(vocab)
+    if existing.hash() != vocab.hash():
+        raise VocabularyError(f"{where}: differs from the source's vocabulary ({len(existing)} vs {len(vocab)} classes, "
+                              f"hash {existing.hash()} vs {vocab.hash()}); use --mode extend to append the new "
+                              "classes or --mode overwrite to start over")
+    return existing

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from dart_core import storage
 from flows.retry import retry_if_transient
@@ -166,41 +167,27 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
 
 def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: str, pretrained: str | None,
                            log, device: str = "cpu") -> str:
-    """Vocabulary classes the CRG does not know get edges: mined incrementally from the LLM when an
-    endpoint is configured (the CRG task, which only asks about new classes), else by text
-    similarity for the new classes only. Returns the CRG path to use (a copy under PRED)."""
-    from dart_core.crg.graph import CRG, similarity_crg
-    from dart_core.vocab import Vocabulary
-
-    vocab = Vocabulary.read_csv(classes_csv)
-    old = CRG.read(crg)
-    known = set(old.class_ids)
-    new = [cid for cid in vocab.ids if cid not in known]
-    if not new:
-        return crg
-    out = storage.join(pred_dir, "crg.json")  # a local path or an s3:// URL (CRG.write/read use storage)
+    """Vocabulary classes the CRG does not know get edges (dart_core.crg.extend.add_new_classes):
+    mined incrementally from the LLM when an endpoint is configured (the CRG flow's mining, which
+    only asks about new classes), else by text similarity for the new classes only. Returns the CRG
+    path to use (a copy under PRED)."""
+    from dart_core.crg.extend import add_new_classes
     from flows.crg import MineOptions, endpoint_configured, resolve_api_key, run_mining
 
-    if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)):
-        old.write(out)
-        log(f"{len(new)} new classes: mining their CRG edges from the LLM (incremental)")
-        run_mining(MineOptions(classes=classes_csv, out=out, source="llm", backbone=backbone,
+    def mine_llm(classes: str, out: str) -> None:
+        run_mining(MineOptions(classes=classes, out=out, source="llm", backbone=backbone,
                                pretrained=pretrained or "openai", estimate=False), log=log)
-        return out
-    log(f"{len(new)} new classes and no LLM endpoint configured: their CRG edges come from text similarity")
-    from dart_core.backbone import FrozenBackbone
 
-    from dart_core.devices import worker_device
+    mine = None
+    if endpoint_configured(None, resolve_api_key(None)):  # None: OPENAI_BASE_URL, via dart_core.settings
+        mine = mine_llm
+    return add_new_classes(crg, classes_csv, pred_dir, backbone, pretrained, log=log, device=device, mine=mine)
 
-    text = FrozenBackbone(backbone, pretrained, device=worker_device(device)).text_embeddings(list(vocab.names)).cpu().numpy()
-    sim = similarity_crg(vocab, text, int(old.meta.get("n_neighbors", 8)))
-    index = {cid: i for i, cid in enumerate(vocab.ids)}
-    neighbors = {cid: nb for cid, nb in old.neighbors.items() if cid in index}
-    neighbors.update({cid: sim.neighbors[cid] for cid in new})
-    merged = CRG(list(vocab.ids), list(vocab.names), neighbors, old.source,
-                 meta={**old.meta, "added_by_similarity": new})
-    merged.write(out)
-    return out
+
+@task(name="extend-crg", cache_policy=NO_CACHE)  # writes PRED/crg.json; must look at the vocabulary every time
+def extend_crg_task(crg: str, classes_csv: str, pred_dir: str, backbone: str, pretrained: str | None,
+                    device: str = "cpu") -> str:
+    return add_new_classes_to_crg(crg, classes_csv, pred_dir, backbone, pretrained, get_run_logger().info, device)
 
 
 @flow(name="annotate")
@@ -223,8 +210,8 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
     shard_list = resolve_shards(shards)
     with output_lock(out):  # released however the run ends: a failed run never blocks the next
         if crg:
-            crg = add_new_classes_to_crg(crg, classes_csv, out, doc["backbone"]["name"],
-                                         doc["backbone"]["pretrained"], logger.info, device)
+            crg = extend_crg_task(crg, str(classes_csv), str(out), doc["backbone"]["name"],
+                                  doc["backbone"]["pretrained"], device)
         beside = storage.join(str(classes_csv).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes_csv) else ".",
                               "thresholds.csv")
         if thresholds_csv is None and storage.exists(beside):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ def localization(pred_dir: str, boxes_jsonl: str, unseen: set[str]) -> dict:
     from the tags table (patches are stored best first), for ZSL (unseen) and GZSL classes."""
     import duckdb
 
+    import sql as sqlfiles
     from dart_core.data.sources.folder import key_for
     from dart_core.world.generator import read_boxes
     from dart_core.world.localization import patch_centres
@@ -60,11 +60,7 @@ def localization(pred_dir: str, boxes_jsonl: str, unseen: set[str]) -> dict:
     grid = tuple(run["grid"])
     boxes = {key_for(p): objs for p, objs in read_boxes(boxes_jsonl).items()}
     con = duckdb.connect()
-    rows = con.execute(
-        "SELECT t.image_id, t.class_id, t.patches[1] FROM read_parquet(? || '/tags/*/*.parquet', hive_partitioning=true) t "
-        "JOIN read_parquet(? || '/labels/*/*.parquet', hive_partitioning=true) l "
-        "ON l.shard = t.shard AND l.image_id = t.image_id AND l.class_id = t.class_id WHERE l.label = 1",
-        [pred_dir, pred_dir]).fetchall()
+    rows = con.execute(sqlfiles.load("world_localization_top_patch"), [pred_dir, pred_dir]).fetchall()
     centres = patch_centres(grid, (64, 64))
     hit = {"zsl": [0, 0], "gzsl": [0, 0]}
     for image_id, cid, patch in rows:
@@ -94,7 +90,7 @@ def zero_shot_checkpoint(path: Path, backbone: str, pretrained: str, classes_csv
 def crg_source_available() -> str:
     from flows.crg import endpoint_configured, resolve_api_key
 
-    return "llm" if endpoint_configured(os.environ.get("OPENAI_BASE_URL"), resolve_api_key(None)) else "similarity"
+    return "llm" if endpoint_configured(None, resolve_api_key(None)) else "similarity"  # None: OPENAI_BASE_URL
 
 
 def training_code_hash() -> str:

@@ -8,7 +8,10 @@ from prefect import flow, get_run_logger, task
 
 @flow(name="evaluate")
 def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None = None, legacy: bool = False,
-                  corrections: str | None = None) -> dict:
+                  corrections: str | None = None, details: bool = False) -> dict:
+    """The ZSL / GZSL / seen table of PRED (dart_core.evaluate); with `json_out`, written as JSON (+ CSV).
+    Returns the table, or with details=True {"result": the table, "warnings": the doubts about it}
+    (what `dart eval` prints)."""
     from dart_core import corrections as corr
     from dart_core.evaluate import doubts, evaluate, format_table
 
@@ -19,11 +22,12 @@ def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None =
     logger.info("\n" + format_table(res, ks))
     if fix is not None:
         logger.info(f"labels: {res['labels']}")
-    for note in doubts(pred, legacy, corrections=fix):
+    notes = doubts(pred, legacy, corrections=fix)
+    for note in notes:
         logger.warning(note)
     if json_out:
         write_eval(res, json_out)
-    return res
+    return {"result": res, "warnings": notes} if details else res
 
 
 def write_eval(res: dict, json_out: str) -> None:

@@ -44,42 +44,21 @@ def _write_manifest(url: str, rows: list[dict]) -> None:
 
 
 def _labels_and_vocab(prefix: str, objs, out: str):
-    """Labels {relative path: {class: ±1}} and vocabulary from the prefix's CSVs."""
+    """Labels {relative path: {class: mark} | (reason, message)} and vocabulary from the prefix's
+    CSVs (dart_core.data.sources.folder.read_label_files); without a classes.csv there, the label
+    ids found, else OUT's classes.csv, else an empty vocabulary."""
     from dart_core.data.records import SourceError
-    from dart_core.data.sources._util import csv_rows
-    from dart_core.data.sources.folder import parse_labels
+    from dart_core.data.sources.folder import read_label_files
     from dart_core.vocab import Vocabulary, VocabularyError
 
-    labels: dict[str, dict | tuple] = {}
-    vocab = None
-    for o in objs:
-        if not o.key.lower().endswith(".csv"):
-            continue
-        text = storage.read_bytes(o.url).decode("utf-8-sig")
-        if o.key == "classes.csv":
-            try:
-                vocab = Vocabulary.parse_csv(text, where=o.url)
-            except VocabularyError as e:
-                raise ShardRunError(str(e)) from None
-            continue
-        rows = csv_rows(text)
-        if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
-            continue  # some other CSV; not ours
-        base = o.key.rsplit("/", 1)[0] + "/" if "/" in o.key else ""
-        for lineno, row in enumerate(rows[1:], start=2):
-            if len(row) < 1 or not row[0].strip():
-                continue
-            try:
-                labels[base + row[0].strip()] = parse_labels(row[1] if len(row) > 1 else "")
-            except ValueError as e:
-                labels[base + row[0].strip()] = ("malformed_label", f"{o.key}:{lineno}: {e}")
+    labels, vocab = read_label_files([(o.key, o.url) for o in objs], storage.Storage())
     if vocab is None:
         found = sorted({c for v in labels.values() if isinstance(v, dict) for c in v})
         if found:
             vocab = Vocabulary.from_names(found)
         elif storage.exists(storage.join(out, "classes.csv")):
             try:
-                vocab = Vocabulary.parse_csv(storage.read_bytes(storage.join(out, "classes.csv")).decode("utf-8-sig"))
+                vocab = Vocabulary.read_csv(storage.join(out, "classes.csv"))
             except VocabularyError as e:
                 raise SourceError(str(e)) from None
         else:
@@ -120,8 +99,8 @@ def refresh_prefix(prefix: str, out: str, *, split: str = "train", shard_size: i
             src = {"dataset": "refresh", "prefix": prefix, "file": o.key, "key": o.key, "etag": o.etag}
             lab = labels.get(o.key, {})
             err = None
-            if isinstance(lab, tuple):
-                err, lab = (R.MALFORMED_LABEL, lab[1]), {}
+            if isinstance(lab, tuple):  # a malformed row of a label file: (reason, message)
+                err, lab = lab, {}
             elif set(lab) - known_ids:
                 err, lab = (R.UNKNOWN_CLASS, f"{o.key}: unknown class id(s) {sorted(set(lab) - known_ids)}"), {}
             records.append(InputRecord(key, o.url, complete_labels(lab, (), "unknown"), src, err))
@@ -148,6 +127,8 @@ def refresh_task(prefix: str, out: str, split: str, shard_size: int, workers: in
 
 @flow(name="refresh")
 def refresh(prefix: str, out: str, split: str = "train", shard_size: int = 5000,
-            workers: int | None = None) -> list[str]:
-    """Shard the objects under PREFIX not yet in OUT's manifest; returns the new shard URLs."""
-    return refresh_task(prefix, out, split, shard_size, workers)["new_shards"]
+            workers: int | None = None, details: bool = False) -> list[str] | dict:
+    """Shard the objects under PREFIX not yet in OUT's manifest; returns the new shard URLs, or with
+    details=True the whole report (`refresh_prefix`'s; what `dart refresh` prints)."""
+    report = refresh_task(prefix, out, split, shard_size, workers)
+    return report if details else report["new_shards"]

@@ -1,6 +1,6 @@
 """`shard` flow: one source (local or s3://) in one of the four formats -> `OUT/classes.csv` +
-`OUT/<split>/NNNNNN.{tar,parquet}` + `NNNNNN_stats.json` (dart_core.data.shard_format). The CLI (`dart shard`) calls
-`shard_source`, the same function the flow's task runs.
+`OUT/<split>/NNNNNN.{tar,parquet}` + `NNNNNN_stats.json` (dart_core.data.shard_format). `dart shard`
+runs this flow; `shard_source` is what its task runs (and what tests and benchmarks call directly).
 
 Vocabulary per mode: incremental requires OUT/classes.csv (if any) to equal the source's
 vocabulary; extend appends the source's new classes after the existing ones (class indices of
@@ -18,34 +18,18 @@ class ShardRunError(RuntimeError):
 
 
 def resolve_vocabulary(out: str, vocab, mode: str):
-    from dart_core.vocab import Vocabulary, VocabularyError
+    """OUT/classes.csv for `vocab`'s data added in `mode` (dart_core.vocab.for_output), written when it
+    changes; returns it."""
+    from dart_core.vocab import Vocabulary, VocabularyError, for_output
 
     url = storage.join(out, "classes.csv")
-    existing = None
-    if mode != "overwrite" and storage.exists(url):
-        try:
-            existing = Vocabulary.parse_csv(storage.read_bytes(url).decode("utf-8-sig"), where=url)
-        except VocabularyError as e:
-            raise ShardRunError(str(e)) from None
-    if existing is None:
-        final = vocab
-    elif mode == "extend":
-        final = existing.extend(vocab)
-    elif existing.hash() != vocab.hash():
-        raise ShardRunError(f"{url}: differs from the source's vocabulary ({len(existing)} vs {len(vocab)} classes, "
-                            f"hash {existing.hash()} vs {vocab.hash()}); use --mode extend to append the new "
-                            "classes or --mode overwrite to start over")
-    else:
-        final = existing
+    try:
+        existing = Vocabulary.read_csv(url) if mode != "overwrite" and storage.exists(url) else None
+        final = for_output(existing, vocab, mode, url)
+    except VocabularyError as e:
+        raise ShardRunError(str(e)) from None
     if len(final) and (existing is None or final.hash() != existing.hash()):
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["id", "name", "split"])
-        w.writerows(zip(final.ids, final.names, final.splits))
-        storage.write_bytes(url, buf.getvalue().encode())
+        final.write(url)
     return final
 
 
@@ -66,6 +50,16 @@ def check_absent_rule(store, absent: str, mode: str) -> None:
                                 f"{absent}; rerun with --absent {had} or use --mode overwrite")
 
 
+def check_options(fmt: str, absent: str | None) -> None:
+    """`absent` is for the folder format only, and one of its values."""
+    from dart_core.data.sources.folder import ABSENT
+
+    if absent is not None and fmt != "folder":
+        raise ShardRunError(f"--absent applies to --format folder only ({fmt} defines its own negatives)")
+    if absent is not None and absent not in ABSENT:
+        raise ShardRunError(f"--absent {absent!r}: must be one of {'|'.join(ABSENT)}")
+
+
 def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, shard_size: int = 5000,
                  mode: str = "incremental", workers: int | None = None, image_size: int = 256,
                  max_shard_bytes: int = 1 << 30, progress: bool = True, absent: str | None = None,
@@ -76,12 +70,8 @@ def shard_source(source: str, fmt: str, out: str, *, split: str | None = None, s
     from dart_core.data.records import SourceError
     from dart_core.data.shard_writer import ShardWriteError, WriterConfig, write_shards
     from dart_core.data.sources import open_source
-    from dart_core.data.sources.folder import ABSENT
 
-    if absent is not None and fmt != "folder":
-        raise ShardRunError(f"--absent applies to --format folder only ({fmt} defines its own negatives)")
-    if absent is not None and absent not in ABSENT:
-        raise ShardRunError(f"--absent {absent!r}: must be one of {'|'.join(ABSENT)}")
+    check_options(fmt, absent)
     options = {"absent": absent or "negative"} if fmt == "folder" else {}
     try:
         cfg = WriterConfig(shard_size=shard_size, mode=mode, workers=workers, image_size=image_size,

@@ -68,13 +68,13 @@ def eval_(
 ) -> None:
     """ZSL / GZSL mAP and P/R/F1@K (percent) from the prediction tables, in SQL, with the class and
     image counts behind them; `warning:` lines on stderr when the numbers are doubtful."""
-    from dart_core import corrections as corr
-    from dart_core.evaluate import doubts, evaluate, format_table
-    from flows.evaluate import write_eval
+    from dart_core.evaluate import format_table
+    from flows.cli._run import plain_output
+    from flows.evaluate import evaluate_flow
 
-    fix = corr.read(corrections) if corrections else None
-    res = evaluate(pred, k, legacy, corrections=fix)
-    notes = doubts(pred, legacy, corrections=fix)
+    with plain_output():  # the table and warnings are printed here, from what the flow returns
+        out = evaluate_flow(pred, list(k), json_out, legacy, corrections, details=True)
+    res, notes = out["result"], out["warnings"]
     typer.echo(format_table(res, k))
     labels = res.get("labels")
     if labels:
@@ -83,8 +83,7 @@ def eval_(
                    f"{labels['rows'] - labels['matched']} name no image scored here")
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
-    if json_out:
-        write_eval(res, json_out)
+    if json_out:  # written by the flow
         typer.echo(f"wrote {json_out}")
 
 

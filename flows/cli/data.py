@@ -1,6 +1,7 @@
-"""CLI for the data plane: `dart shard`, `dart refresh`. Same code as the Prefect flows
-(flows.shard.shard_source / flows.refresh.refresh_prefix). Inputs that fail are rows in the
-report, not errors: exit 0. Exit 2 with one line on stderr when the run cannot proceed (see _guard)."""
+"""CLI for the data plane: `dart shard` runs the `shard` flow, `dart refresh` the `refresh` flow
+(flows.cli._run.plain_output: their report as before, Prefect's own lines kept off the terminal).
+Inputs that fail are rows in the report, not errors: exit 0. Exit 2 with one line on stderr when
+the run cannot proceed (see _guard)."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -41,10 +42,13 @@ def shard(
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Turn a dataset into webdataset shards (+ parquet and stats sidecars) and classes.csv."""
-    from flows.shard import shard_source
+    from flows.cli._run import plain_output
+    from flows.shard import check_options, shard as shard_flow
 
-    r = shard_source(source, format, out, split=split, shard_size=shard_size, mode=mode,
-                     workers=workers, image_size=image_size, absent=absent, log=lambda m: typer.echo(m, err=True))
+    check_options(format, absent)  # before the flow starts
+    with plain_output(echo=True):  # the task's lines (the split rule, progress) on stderr, as plain lines
+        r = shard_flow(source, format, out, split=split, shard_size=shard_size, mode=mode, workers=workers,
+                       image_size=image_size, absent=absent)
     if json_out:
         import json
 
@@ -62,9 +66,11 @@ def refresh(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="decoding processes (default: all cores)"),
 ) -> None:
     """Shard only objects not seen before (manifest of key + ETag); print the new shards."""
-    from flows.refresh import refresh_prefix
+    from flows.cli._run import plain_output
+    from flows.refresh import refresh as refresh_flow
 
-    r = refresh_prefix(prefix, out, split=split, shard_size=shard_size, workers=workers)
+    with plain_output():
+        r = refresh_flow(prefix, out, split=split, shard_size=shard_size, workers=workers, details=True)
     if not r["new_objects"]:
         typer.echo(f"nothing new under {prefix} ({r['objects']} objects already sharded or not images)", err=True)
         return

@@ -49,6 +49,61 @@ def parse_labels(field: str) -> dict[str, int]:
     return out
 
 
+def is_label_csv(rows: list[list[str]]) -> bool:
+    """Whether CSV rows are a label file: the header is `path,labels`."""
+    return bool(rows) and [c.strip().lower() for c in rows[0][:2]] == ["path", "labels"]
+
+
+def label_rows(rows: list[list[str]], file: str):
+    """The rows of a label file (`path,labels`, header first; `is_label_csv`) as
+    (where, path, labels, error) per non-blank row: `where` = "FILE:LINE", `labels` as
+    `parse_labels` gives them, or None with `error` = (reason, message) for a malformed row or cell.
+    The one parser of the label-file format: the folder source and `refresh` read label files so."""
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        where = f"{file}:{lineno}"
+        rel = row[0].strip()
+        if len(row) > 2 or not rel:
+            yield where, rel, None, (R.MALFORMED_ROW, f"{where}: expected 2 columns path,labels, got {row!r}")
+            continue
+        try:
+            labels = parse_labels(row[1] if len(row) > 1 else "")
+        except ValueError as e:
+            yield where, rel, None, (R.MALFORMED_LABEL, f"{where}: {e}")
+            continue
+        yield where, rel, labels, None
+
+
+def read_label_files(files, fs: Storage | None = None, classes_file: str = "classes.csv"):
+    """Labels and vocabulary from the CSV files of a raw-image prefix (`dart refresh`): `files` =
+    (key relative to the prefix, url) pairs. `classes_file` at the top -> the vocabulary (None
+    without one); every other CSV with the label-file header -> labels {path relative to the
+    prefix: {class: mark}}, or (reason, message) for a malformed row; other CSVs are not ours and
+    are skipped. Raises SourceError for an unreadable file or a malformed classes file."""
+    fs = fs or Storage()
+    labels: dict[str, dict | tuple] = {}
+    vocab = None
+    for key, url in files:
+        if not key.lower().endswith(".csv"):
+            continue
+        text = read_text(fs, url, "CSV file")
+        if key == classes_file:
+            try:
+                vocab = Vocabulary.parse_csv(text, where=url)
+            except VocabularyError as e:
+                raise SourceError(str(e)) from None
+            continue
+        rows = csv_rows(text)
+        if not is_label_csv(rows):
+            continue  # some other CSV; not ours
+        base = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        for _, rel, marks, err in label_rows(rows, key):
+            if rel:
+                labels[base + rel] = marks if err is None else err
+    return labels, vocab
+
+
 def complete_labels(labels: dict[str, int], class_ids, absent: str) -> dict[str, int]:
     """The ±1 labels to store: named classes as marked (`?` ones left out: unknown) and, with
     absent="negative", -1 for every other class of `class_ids`."""
@@ -95,7 +150,7 @@ def read_folder(root: str, *, fs: Storage | None = None, split: str = "train",
     labels_url = fs.join(root, labels_file)
     classes_url = fs.join(root, classes_file)
     rows = csv_rows(read_text(fs, labels_url, "labels file (path,labels)"))
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
+    if not is_label_csv(rows):
         raise SourceError(f"{labels_url}: header must be path,labels")
     vocab = None
     if fs.exists(classes_url):
@@ -103,23 +158,8 @@ def read_folder(root: str, *, fs: Storage | None = None, split: str = "train",
             vocab = Vocabulary.parse_csv(read_text(fs, classes_url, "classes file"), where=classes_url)
         except VocabularyError as e:
             raise SourceError(str(e)) from None
-    parsed = []
-    found: set[str] = set()
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not row or not any(c.strip() for c in row):
-            continue
-        where = f"{labels_file}:{lineno}"
-        rel = row[0].strip()
-        if len(row) > 2 or not rel:
-            parsed.append((where, rel, None, (R.MALFORMED_ROW, f"{where}: expected 2 columns path,labels, got {row!r}")))
-            continue
-        try:
-            labels = parse_labels(row[1] if len(row) > 1 else "")
-        except ValueError as e:
-            parsed.append((where, rel, None, (R.MALFORMED_LABEL, f"{where}: {e}")))
-            continue
-        found.update(labels)
-        parsed.append((where, rel, labels, None))
+    parsed = list(label_rows(rows, labels_file))
+    found = {c for _, _, labels, _ in parsed if labels for c in labels}
     vocab_from_file = vocab is not None
     if vocab is None:
         if not found:
