@@ -12,6 +12,8 @@ fetching only objects whose ETag changed, and runs the same views over the mirro
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import duckdb
@@ -261,3 +263,24 @@ def audit(pred_dir: str | Path, top: int = 3, limit: int = 50, temperature: floa
         "classes": rows("audit_class_disagreement", top=top),
         "images": rows("audit_image_quality", temperature=temperature, max_rows=limit),
     }
+
+
+def write_eval(res: dict, json_out: str) -> None:
+    """JSON at `json_out` and the same table as CSV beside it (percent, as the paper's tables)."""
+    import csv
+    import io
+
+    from dart_core import storage
+
+    storage.write_bytes(json_out, json.dumps(res, indent=1).encode())  # local or s3://
+    rows = {k: v for k, v in res.items() if k in SETTINGS}  # "labels" (corrections used) is in the JSON only
+    cols = sorted({k for row in rows.values() for k in row})
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["setting"] + cols)
+    for setting, row in rows.items():
+        w.writerow([setting] + ["" if c not in row else round(100 * row[c], 4) if c == "mAP" or "@" in c
+                                else row[c] for c in cols])
+    head, _, name = str(json_out).rpartition("/")
+    csv_name = (name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name) + ".csv"  # Path.with_suffix
+    storage.write_bytes(f"{head}/{csv_name}" if head else csv_name, f.getvalue().encode())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+import sql as sqlfiles
 from dart_core.metrics import ranked_known
 from dart_core.predictions import AnnotateError
 from dart_core.vocab import Vocabulary
@@ -53,3 +54,35 @@ def read_thresholds(path: str | Path, vocab: Vocabulary) -> np.ndarray:
             except (KeyError, ValueError):
                 raise AnnotateError(f"{path} line {lineno}: threshold {row.get('threshold')!r} is not a number") from None
     return th
+
+
+def calibrate_predictions(pred: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`dart calibrate`: per-class thresholds (max F1) from a prediction folder of a labelled split,
+    local or s3://. Returns (class ids in vocabulary order, thresholds, best F1)."""
+    from dart_core.evaluate import connect
+
+    con = connect(pred)
+    ids = [r[0] for r in con.execute("SELECT class_id FROM vocab ORDER BY class_index").fetchall()]
+    rows = con.execute(sqlfiles.load("calibration_scores")).fetchall()
+    scores = np.array([r[2] for r in rows], dtype=np.float64).reshape(len(rows), len(ids))
+    index = {(r[0], r[1]): i for i, r in enumerate(rows)}
+    labels = np.zeros_like(scores, dtype=np.int8)
+    for shard, image_id, col, label in con.execute(sqlfiles.load("calibration_labels")).fetchall():
+        labels[index[(shard, image_id)], col] = label
+    th, f1 = calibrate_thresholds(scores, labels)
+    return ids, th, f1
+
+
+def write_thresholds(out: str | Path, ids: list[str], th: np.ndarray, f1: np.ndarray) -> None:
+    """thresholds.csv (class_id,threshold,f1; empty where a class has no positive), local or s3://."""
+    import csv
+    import io
+
+    from dart_core import storage
+
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["class_id", "threshold", "f1"])
+    for cid, t, b in zip(ids, th, f1):
+        w.writerow([cid, "" if np.isnan(t) else f"{t:.6g}", "" if np.isnan(b) else f"{b:.4f}"])
+    storage.write_bytes(out, f.getvalue().encode())  # local (atomic) or s3://

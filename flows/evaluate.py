@@ -13,7 +13,7 @@ def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None =
     Returns the table, or with details=True {"result": the table, "warnings": the doubts about it}
     (what `dart eval` prints)."""
     from dart_core import corrections as corr
-    from dart_core.evaluate import doubts, evaluate, format_table
+    from dart_core.evaluate import doubts, evaluate, format_table, write_eval
 
     ks = ks or [3, 5]
     fix = corr.read(corrections) if corrections else None
@@ -28,29 +28,6 @@ def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None =
     if json_out:
         write_eval(res, json_out)
     return {"result": res, "warnings": notes} if details else res
-
-
-def write_eval(res: dict, json_out: str) -> None:
-    """JSON at `json_out` and the same table as CSV beside it (percent, as the paper's tables)."""
-    import csv
-    import io
-
-    from dart_core import storage
-
-    storage.write_bytes(json_out, json.dumps(res, indent=1).encode())  # local or s3://
-    from dart_core.evaluate import SETTINGS
-
-    rows = {k: v for k, v in res.items() if k in SETTINGS}  # "labels" (corrections used) is in the JSON only
-    cols = sorted({k for row in rows.values() for k in row})
-    f = io.StringIO(newline="")
-    w = csv.writer(f)
-    w.writerow(["setting"] + cols)
-    for setting, row in rows.items():
-        w.writerow([setting] + ["" if c not in row else round(100 * row[c], 4) if c == "mAP" or "@" in c
-                                else row[c] for c in cols])
-    head, _, name = str(json_out).rpartition("/")
-    csv_name = (name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name) + ".csv"  # Path.with_suffix
-    storage.write_bytes(f"{head}/{csv_name}" if head else csv_name, f.getvalue().encode())
 
 
 @task(name="audit-score")

@@ -143,31 +143,10 @@ def calibrate(
     out: str = typer.Option(..., help="thresholds.csv to write, local or s3:// (put it beside classes.csv to use it by default)."),
 ) -> None:
     """Per-class decision thresholds maximising each class's F1 on a labelled split."""
-    import csv
-    import io
-
-    from dart_core import storage
-
     import numpy as np
 
-    from dart_core.evaluate import connect
-    from dart_core.infer import calibrate_thresholds
+    from dart_core.thresholds import calibrate_predictions, write_thresholds
 
-    con = connect(pred)
-    ids = [r[0] for r in con.execute("SELECT class_id FROM vocab ORDER BY class_index").fetchall()]
-    rows = con.execute("SELECT shard, image_id, scores FROM scores ORDER BY shard, image_id").fetchall()
-    S = np.array([r[2] for r in rows], dtype=np.float64)
-    index = {(r[0], r[1]): i for i, r in enumerate(rows)}
-    col = {cid: j for j, cid in enumerate(ids)}
-    Y = np.zeros_like(S, dtype=np.int8)
-    for shard, image_id, cid, label in con.execute("SELECT shard, image_id, class_id, label FROM labels").fetchall():
-        if (shard, image_id) in index and cid in col:
-            Y[index[(shard, image_id)], col[cid]] = label
-    th, f1 = calibrate_thresholds(S, Y)
-    f = io.StringIO(newline="")
-    w = csv.writer(f)
-    w.writerow(["class_id", "threshold", "f1"])
-    for cid, t, b in zip(ids, th, f1):
-        w.writerow([cid, "" if np.isnan(t) else f"{t:.6g}", "" if np.isnan(b) else f"{b:.4f}"])
-    storage.write_bytes(out, f.getvalue().encode())  # local (atomic) or s3://
+    ids, th, f1 = calibrate_predictions(pred)
+    write_thresholds(out, ids, th, f1)
     typer.echo(f"thresholds for {int((~np.isnan(th)).sum())} of {len(ids)} classes -> {out}")
