@@ -13,7 +13,6 @@ fetching only objects whose ETag changed, and runs the same views over the mirro
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import duckdb
