@@ -16,7 +16,8 @@ def test_dart_train_over_shards_and_resume(tmp_path, tiny_clip_ckpt, prefect_har
     make_shards(tmp_path / "shards" / "train")  # 4 shards x 6 images
     args = ["train", "--shards", str(tmp_path / "shards" / "train"), "--classes", str(tmp_path / "classes.csv"),
             "--out", str(tmp_path / "run"), "--backbone", "dart-tiny-vit", "--pretrained", tiny_clip_ckpt,
-            "--epochs", "2", "--batch-size", "4", "--top-k-share", "0.25", "--val-share", "0.25"]
+            "--epochs", "2", "--batch-size", "4", "--top-k-share", "0.25", "--val-share", "0.25",
+            "--checkpoint-every", "3"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "text-similarity CRG" in r.output
@@ -31,7 +32,7 @@ def test_dart_train_over_shards_and_resume(tmp_path, tiny_clip_ckpt, prefect_har
     assert doc["vocab"]["names"] == ["red", "green", "blue"]  # trained on the seen classes only
     best = max(epochs, key=lambda h: (h["val_seen_mAP"], -h["epoch"]))
     assert doc["best_val"]["epoch"] == best["epoch"]  # model.pt is the best validation epoch
-    assert (tmp_path / "run" / "last.pt").exists()
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["train_config"]["checkpoint_every"] == 3
     # a second call finds last.pt at the final step: nothing more to train, same checkpoint
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output

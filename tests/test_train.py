@@ -168,6 +168,33 @@ def test_resume_after_crash_matches_uninterrupted(tiny_clip_ckpt, vocab, tmp_pat
     np.testing.assert_allclose([h["total"] for h in resumed], [h["total"] for h in ref], rtol=1e-5)
 
 
+def test_checkpoint_every_resumes_mid_epoch(tiny_clip_ckpt, vocab, tmp_path):
+    """checkpoint_every=2 with 3 steps an epoch: a crash in step 6 finds last.pt at step 4 (the
+    middle of epoch 2), and the resumed run continues from step 5 with the uninterrupted losses."""
+    from dart_core.crg.graph import random_crg
+    from dart_core.model import DART
+    from tests.model_fixtures import tiny_config
+
+    def new_model():
+        torch.manual_seed(0)
+        m = DART(tiny_config(pretrained=tiny_clip_ckpt))
+        m.set_classes(NAMES, random_crg(vocab, 2, seed=0).edge_index(vocab))
+        return m
+
+    x, y = fixed_batch(12)
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    cfg = TrainConfig(epochs=3, checkpoint_every=2, **FAST)
+    ref = fit(new_model(), batches, vocab, tmp_path / "a", cfg, log=quiet)
+    with pytest.raises(Crash):
+        fit(new_model(), CrashingData(batches, crash_after=5), vocab, tmp_path / "b", cfg, log=quiet)
+    saved = read_checkpoint(tmp_path / "b" / "last.pt")
+    assert saved["step"] == 4 and saved["train_config"]["checkpoint_every"] == 2
+    resumed = fit(new_model(), batches, vocab, tmp_path / "b", cfg, log=quiet)
+    assert [h["step"] for h in resumed if "total" in h] == list(range(1, 10))
+    np.testing.assert_allclose([h["total"] for h in resumed if "total" in h],
+                               [h["total"] for h in ref if "total" in h], rtol=1e-5)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model, vocab, tmp_path):
     x, y = fixed_batch(8)
     bad = x.clone()

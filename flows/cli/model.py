@@ -38,6 +38,8 @@ def train(
     val_shards: Optional[str] = typer.Option(None, help="Validation shards (seen-class mAP picks the saved epoch); default: a slice held out of --shards."),
     val_share: float = typer.Option(0.05, callback=check.share_held_out, help="Share of the training samples held out for validation when --val-shards is not given (0: none)."),
     lambda_end: float = typer.Option(0.0, min=0, max=1, help="WPS λ at the last step (annealed from 1; 1 keeps the VLP's prior responsibilities)."),
+    checkpoint_every: int = typer.Option(0, min=0, help="Also write last.pt every N optimiser steps (0: at the end of each epoch only); "
+                                                        "on long epochs a crash or a killed rank then loses at most N steps."),
     arm: bool = typer.Option(True, "--arm/--no-arm", help="--no-arm: the ablation without the ARM (Tab. 5)."),
     wps: bool = typer.Option(True, "--wps/--no-wps", help="--no-wps: the ablation without the WPS loss (Tab. 5)."),
     atm: bool = typer.Option(True, "--atm/--no-atm", help="--no-atm: the ablation without the ATM (Tab. 5)."),
@@ -71,6 +73,7 @@ def train(
     model_cfg = dict(backbone=backbone, pretrained=None if pretrained.lower() == "none" else pretrained,
                      arm_layers=arm_layers, top_k_share=top_k_share, **({"wps_tau": wps_tau} if wps_tau else {}), use_arm=arm, use_wps=wps, use_atm=atm)
     train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, lam_end=lambda_end, val_share=val_share,
+                     checkpoint_every=checkpoint_every,
                      **({"corrections": corrections} if corrections else {}))
     if nproc > 1:
         from flows.train import check_ranks
