@@ -144,6 +144,97 @@ def lock_ttl() -> float:
     return settings().s3_lock_ttl
 
 
+def _lease_refused(e) -> bool:
+    """Whether a conditional PUT's ClientError says another writer won it."""
+    from dart_core import storage
+
+    return storage._code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def _s3_take_over(client, url: str, bucket: str, key: str, body: bytes, ttl: float, head: dict) -> str:
+    """The lease object exists (`head` is its GET): raise `_locked` while it is fresh; once stale
+    (its holder stopped renewing it) take it over with PUT If-Match on its ETag, exactly one taker
+    wins. Returns the new lease's ETag."""
+    from email.utils import parsedate_to_datetime
+
+    from botocore.exceptions import ClientError
+
+    from dart_core import storage
+
+    try:
+        old = json.loads(head["Body"].read())
+    except ValueError:
+        old = {}
+    date = head["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else None
+    age = (now - head["LastModified"]).total_seconds() if now else 0.0
+    if age <= float(old.get("ttl_s", ttl)):
+        raise _locked(url.rsplit("/", 1)[0], str(old.get("holder", ""))) from None
+    try:  # stale: its holder stopped renewing it; take it over, exactly one taker wins
+        return client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=head["ETag"])["ETag"]
+    except ClientError as e3:
+        if _lease_refused(e3) or storage._missing(e3):
+            raise _locked(url.rsplit("/", 1)[0], "another process") from None
+        raise
+
+
+def _s3_acquire(client, url: str, bucket: str, key: str, body: bytes, ttl: float) -> str:
+    """Create the lease object with a conditional PUT (If-None-Match: *), or take over a stale one;
+    raises `_locked` when another run holds it. Returns the lease's ETag."""
+    from botocore.exceptions import ClientError
+
+    from dart_core import storage
+
+    try:
+        return client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
+    except ClientError as e:
+        if not _lease_refused(e):
+            raise
+    try:
+        head = client.get_object(Bucket=bucket, Key=key)
+    except ClientError as e2:
+        if not storage._missing(e2):
+            raise
+        head = None  # released in between: try once more, conditionally
+    if head is not None:
+        return _s3_take_over(client, url, bucket, key, body, ttl, head)
+    try:
+        return client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
+    except ClientError as e3:
+        if _lease_refused(e3):
+            raise _locked(url.rsplit("/", 1)[0], "another process") from None
+        raise
+
+
+def _s3_heartbeat(client, bucket: str, key: str, body: bytes, ttl: float, state: dict, stop) -> None:
+    """Renew the lease every TTL/4 (PUT If-Match: its ETag) until `stop` is set; sets
+    state["lost"] and returns when another run took it over."""
+    from botocore.exceptions import ClientError
+
+    from dart_core import storage
+
+    while not stop.wait(ttl / 4):
+        try:
+            state["etag"] = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=state["etag"])["ETag"]
+        except ClientError as e:
+            if _lease_refused(e) or storage._missing(e):
+                state["lost"] = True
+                return
+        except Exception:  # noqa: BLE001 - a network blip: the next beat tries again
+            pass
+
+
+def _s3_release(client, bucket: str, key: str, etag: str) -> None:
+    """Delete the lease object if it is still this run's (its ETag is the last one written)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        if client.head_object(Bucket=bucket, Key=key)["ETag"] == etag:
+            client.delete_object(Bucket=bucket, Key=key)
+    except ClientError:
+        pass
+
+
 @contextmanager
 def _s3_lease(url: str, holder: str):
     """A lease on an s3:// PRED: the object PRED/.lock, created with a conditional PUT
@@ -154,9 +245,6 @@ def _s3_lease(url: str, holder: str):
     minus the object's Last-Modified). Needs conditional writes: AWS S3 (since 2024), MinIO, moto."""
     import threading
     import uuid
-    from email.utils import parsedate_to_datetime
-
-    from botocore.exceptions import ClientError
 
     from dart_core import storage
 
@@ -164,60 +252,10 @@ def _s3_lease(url: str, holder: str):
     bucket, key = storage.split_s3(url)
     body = json.dumps({"holder": holder, "token": uuid.uuid4().hex, "ttl_s": ttl}).encode()
     client = storage.s3_client()
-
-    def refused(e: ClientError) -> bool:  # another writer won the conditional PUT
-        return storage._code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-
-    try:
-        etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
-    except ClientError as e:
-        if not refused(e):
-            raise
-        try:
-            head = client.get_object(Bucket=bucket, Key=key)
-        except ClientError as e2:
-            if storage._missing(e2):  # released in between: try once more, conditionally
-                head = None
-            else:
-                raise
-        if head is None:
-            try:
-                etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
-            except ClientError as e3:
-                if refused(e3):
-                    raise _locked(url.rsplit("/", 1)[0], "another process") from None
-                raise
-        else:
-            try:
-                old = json.loads(head["Body"].read())
-            except ValueError:
-                old = {}
-            date = head["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-            now = parsedate_to_datetime(date) if date else None
-            age = (now - head["LastModified"]).total_seconds() if now else 0.0
-            if age <= float(old.get("ttl_s", ttl)):
-                raise _locked(url.rsplit("/", 1)[0], str(old.get("holder", ""))) from None
-            try:  # stale: its holder stopped renewing it; take it over, exactly one taker wins
-                etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=head["ETag"])["ETag"]
-            except ClientError as e3:
-                if refused(e3) or storage._missing(e3):
-                    raise _locked(url.rsplit("/", 1)[0], "another process") from None
-                raise
-    state = {"etag": etag, "lost": False}
+    state = {"etag": _s3_acquire(client, url, bucket, key, body, ttl), "lost": False}
     stop = threading.Event()
-
-    def heartbeat():
-        while not stop.wait(ttl / 4):
-            try:
-                state["etag"] = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=state["etag"])["ETag"]
-            except ClientError as e:
-                if refused(e) or storage._missing(e):
-                    state["lost"] = True
-                    return
-            except Exception:  # noqa: BLE001 - a network blip: the next beat tries again
-                pass
-
-    beat = threading.Thread(target=heartbeat, name="dart-s3-lease", daemon=True)
+    beat = threading.Thread(target=_s3_heartbeat, args=(client, bucket, key, body, ttl, state, stop),
+                            name="dart-s3-lease", daemon=True)
     beat.start()
     try:
         yield
@@ -225,11 +263,7 @@ def _s3_lease(url: str, holder: str):
         stop.set()
         beat.join()
         if not state["lost"]:
-            try:
-                if client.head_object(Bucket=bucket, Key=key)["ETag"] == state["etag"]:
-                    client.delete_object(Bucket=bucket, Key=key)
-            except ClientError:
-                pass
+            _s3_release(client, bucket, key, state["etag"])
         else:
             import warnings
 

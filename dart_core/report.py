@@ -83,11 +83,8 @@ def header_rows(run: dict, meta: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def write_report(out_dir: str | Path, audit: dict, run: dict, images: dict, grid: tuple[int, int]) -> Path:
-    """`audit`: dart_core.audit.run_audit's result; `images`: {(shard, image_id): jpg bytes} for the
-    thumbnails (pairs without one show no picture). Writes out_dir/index.html + out_dir/img/*.jpg."""
-    out = Path(out_dir)
-    (out / "img").mkdir(parents=True, exist_ok=True)
+def _write_thumbnails(out: Path, images: dict) -> dict[tuple[str, str], str]:
+    """Save the readable images as out/img/NNNNN.jpg thumbnails; returns {(shard, image_id): name}."""
     names: dict[tuple[str, str], str] = {}
     for key, jpg in images.items():
         if jpg is None:
@@ -98,8 +95,13 @@ def write_report(out_dir: str | Path, audit: dict, run: dict, images: dict, grid
         except Exception:  # noqa: BLE001 - an unreadable image: that row shows no picture
             continue
         names[key] = name
+    return names
+
+
+def _pair_rows(pairs, names: dict) -> list[dict]:
+    """The audit's pairs as the page's JSON rows (`names`: the thumbnails by (shard, image_id))."""
     rows = []
-    for i, r in enumerate(audit["pairs"]):
+    for i, r in enumerate(pairs):
         key = (r["shard"], r["image_id"])
         rows.append({"i": i, "path": r.get("file") or "", "source": _source_text(r.get("source")),
                      "image_id": r["image_id"], "shard": r["shard"], "split": r.get("split") or "",
@@ -109,20 +111,11 @@ def write_report(out_dir: str | Path, audit: dict, run: dict, images: dict, grid
                      "rank": int(r["rank"]), "reason": r["reason"], "img": names.get(key, ""),
                      "patches": [int(p) for p in (r.get("patches") or [])],
                      "patch_scores": [_num(s, 3) for s in (r.get("patch_scores") or [])]})
-    classes = [{"class": r["class_name"], "unseen": bool(r["unseen"]), "calibrated": bool(r["calibrated"]),
-                "positives": int(r["positives"]), "negatives": int(r["negatives"]),
-                "likely_wrong": int(r["likely_wrong"]), "likely_missing": int(r["likely_missing"]),
-                "flagged_share": _num(r["flagged_share"]), "mean_suspicion": _num(r["mean_suspicion"])}
-               for r in audit["classes"]]
-    worst = [{"image_id": r["image_id"], "shard": r["shard"], "path": r.get("file") or "",
-              "label_quality": _num(r["label_quality"]), "known_labels": int(r["known_labels"]),
-              "worst_class": r["worst_class"]} for r in audit["images"]]
-    data = {"rows": rows, "grid": list(grid), "classes": classes, "images": worst,
-            "splits": sorted({r["split"] for r in rows}),
-            "class_names": sorted({r["class"] for r in rows})}
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in header_rows(run, audit.get("meta", {})))
+    return rows
+
+
+def _table_rows(classes: list[dict], worst: list[dict]) -> tuple[str, str]:
+    """The HTML rows of the per-class table and of the worst-images table."""
     e = html.escape
 
     def share(v):
@@ -141,6 +134,31 @@ def write_report(out_dir: str | Path, audit: dict, run: dict, images: dict, grid
         f"<tr class='image'><td class='path'>{e(r['path'])}</td><td>{e(r['image_id'])}</td><td>{e(r['shard'])}</td>"
         f"<td>{r['label_quality']:.3f}</td><td>{r['known_labels']}</td><td>{e(str(r['worst_class']))}</td></tr>"
         for r in worst)
+    return class_rows, image_rows
+
+
+def write_report(out_dir: str | Path, audit: dict, run: dict, images: dict, grid: tuple[int, int]) -> Path:
+    """`audit`: dart_core.audit.run_audit's result; `images`: {(shard, image_id): jpg bytes} for the
+    thumbnails (pairs without one show no picture). Writes out_dir/index.html + out_dir/img/*.jpg."""
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    names = _write_thumbnails(out, images)
+    rows = _pair_rows(audit["pairs"], names)
+    classes = [{"class": r["class_name"], "unseen": bool(r["unseen"]), "calibrated": bool(r["calibrated"]),
+                "positives": int(r["positives"]), "negatives": int(r["negatives"]),
+                "likely_wrong": int(r["likely_wrong"]), "likely_missing": int(r["likely_missing"]),
+                "flagged_share": _num(r["flagged_share"]), "mean_suspicion": _num(r["mean_suspicion"])}
+               for r in audit["classes"]]
+    worst = [{"image_id": r["image_id"], "shard": r["shard"], "path": r.get("file") or "",
+              "label_quality": _num(r["label_quality"]), "known_labels": int(r["known_labels"]),
+              "worst_class": r["worst_class"]} for r in audit["images"]]
+    data = {"rows": rows, "grid": list(grid), "classes": classes, "images": worst,
+            "splits": sorted({r["split"] for r in rows}),
+            "class_names": sorted({r["class"] for r in rows})}
+    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in header_rows(run, audit.get("meta", {})))
+    class_rows, image_rows = _table_rows(classes, worst)
     page = (PAGE.replace("%%HEADER%%", head).replace("%%CLASSES%%", class_rows).replace("%%IMAGES%%", image_rows)
             .replace("%%DATA%%", blob))
     (out / "index.html").write_text(page, encoding="utf-8")

@@ -170,17 +170,53 @@ def seed_statistics(runs: list[dict]) -> dict:
             "spread": {k: float(np.ptp([x[k] for x in rows])) for k in rows[0]}, "runs": len(rows)}
 
 
+def _zero_shot_run(wd: Path, shards: str, classes: str, vlp: str) -> dict:
+    """The zero-shot baseline (the VLP's own scores, no DART training): annotate the test split,
+    evaluate, and measure its localization on the world's boxes."""
+    from flows.annotate import annotate_flow
+    from flows.evaluate import evaluate_flow
+    from dart_core.world.generator import UNSEEN
+    from dart_core.world.vlp import MODEL_NAME
+
+    zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
+    zs_pred = wd / "predictions" / "zero_shot"
+    annotate_flow(zs_ckpt, f"{shards}/test", classes, str(zs_pred), top_m=64, batch_size=128, mode="overwrite",
+                  score="zero_shot")
+    res = evaluate_flow(str(zs_pred), [3, 5])
+    res["localization"] = localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
+    return res
+
+
+def _ablation_runs(wd: Path, shards: str, classes: str, crg: str, mined: str, world: str, vlp: str, source: str,
+                   train_cfg: dict) -> dict:
+    """`dart demo --ablations`: the Tab. 5 variants and the other CRGs, each trained and evaluated
+    like the main run; returns {variant: run_variant's result}."""
+    variants = {
+        "no_arm": ({"use_arm": False}, "file", crg), "no_wps": ({"use_wps": False}, "file", crg),
+        "no_atm": ({"use_atm": False}, "file", crg), "crg_random": ({}, "random", None),
+        "crg_similarity": ({}, "file", mined if source != "llm" else None),
+        "crg_world": ({}, "file", world if source == "llm" else None),
+        "wps_tau_vlp": ({"wps_tau": None}, "file", crg),
+    }
+    results = {}
+    for name, (mcfg, csrc, path) in variants.items():
+        if csrc == "file" and path is None:
+            continue  # the main run already uses that CRG
+        if name == "crg_similarity" and source == "llm":
+            csrc = "similarity"
+        results[name] = run_variant(name, wd, shards, classes, path, vlp, mcfg, dict(train_cfg), csrc)
+    return results
+
+
 @flow(name="demo")
 def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, seed: int = 0, vlp_steps: int = 300,
               epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None,
               train_seeds: list[int] | None = None, batch_size: int = DEMO_TRAIN["batch_size"],
               label_noise: float = 0.0) -> dict:
-    from flows.annotate import annotate_flow
     from flows.crg import MineOptions, run_mining
-    from flows.evaluate import audit_flow, evaluate_flow
+    from flows.evaluate import audit_flow
     from flows.shard import shard
     from flows.vlp import pretrain_vlp
-    from dart_core.world.generator import UNSEEN
     from dart_core.world.relations import world_crg
     from dart_core.world.vlp import MODEL_NAME
 
@@ -207,32 +243,15 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
     log(f"CRG: {'mined from the LLM endpoint' if source == 'llm' else 'the world relations (no OpenAI-compatible endpoint configured: OPENAI_BASE_URL / OPENAI_API_KEY), the stand-in for the LLM CRG'}")
     train_cfg = dict(DEMO_TRAIN, epochs=epochs, batch_size=batch_size)
     results = {"crg_source": "llm" if source == "llm" else "world", "vlp": vlp, "train_seeds": train_seeds}
-    zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
-    zs_pred = wd / "predictions" / "zero_shot"
-    annotate_flow(zs_ckpt, f"{shards}/test", classes, str(zs_pred), top_m=64, batch_size=128, mode="overwrite",
-                  score="zero_shot")
-    results["zero_shot"] = evaluate_flow(str(zs_pred), [3, 5])
-    results["zero_shot"]["localization"] = localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
+    results["zero_shot"] = _zero_shot_run(wd, shards, classes, vlp)
     runs = [run_variant("dart" if s == train_seeds[0] else f"dart_seed{s}", wd, shards, classes, crg, vlp, {},
                         dict(train_cfg, seed=s)) for s in train_seeds]
     results["dart"] = runs[0]
     if len(runs) > 1:
         results["dart_seeds"] = seed_statistics(runs)
     if ablations:
-        variants = {
-            "no_arm": ({"use_arm": False}, "file", crg), "no_wps": ({"use_wps": False}, "file", crg),
-            "no_atm": ({"use_atm": False}, "file", crg), "crg_random": ({}, "random", None),
-            "crg_similarity": ({}, "file", mined if source != "llm" else None),
-            "crg_world": ({}, "file", str(world) if source == "llm" else None),
-            "wps_tau_vlp": ({"wps_tau": None}, "file", crg),
-        }
-        for name, (mcfg, csrc, path) in variants.items():
-            if csrc == "file" and path is None:
-                continue  # the main run already uses that CRG
-            if name == "crg_similarity" and source == "llm":
-                csrc = "similarity"
-            results[name] = run_variant(name, wd, shards, classes, path, vlp, mcfg, dict(train_cfg, seed=train_seeds[0]),
-                                        csrc)
+        results.update(_ablation_runs(wd, shards, classes, crg, mined, str(world), vlp, source,
+                                      dict(train_cfg, seed=train_seeds[0])))
     results["report"] = audit_flow(results["dart"]["pred"], str(wd / "report"))
     if label_noise:
         results["label_noise"] = label_noise_audit(wd, shards, classes, results["dart"]["checkpoint"], crg, label_noise,

@@ -270,6 +270,135 @@ def crg_source_for(choice: str, base_url: str | None, api_key_block: str | None)
 
 # ---- the flow -------------------------------------------------------------------------------------
 
+def _shard_stage(o: PipelineOptions, status: dict) -> dict:
+    """1. shard: incremental (what is sharded already is skipped; a rerun resumes). Returns the
+    shard paths and fingerprints the later stages use."""
+    from flows.shard import shard
+
+    reports = {}
+    for split, src in ((o.train_split, o.source), (o.test_split, o.test_source)):
+        r = shard(src, o.format, o.shards, split=split, shard_size=o.shard_size, mode="incremental",
+                  workers=o.shard_workers, image_size=o.image_size, absent=o.absent)
+        reports[split] = r
+    classes = storage.join(o.shards, "classes.csv")
+    train_dir, test_dir = storage.join(o.shards, o.train_split), storage.join(o.shards, o.test_split)
+    new = {s: len(r["new_shards"]) for s, r in reports.items()}
+    status["shard"] = {"status": "ran: " + ", ".join(f"{s} +{n} shards ({reports[s]['ok']} new samples)"
+                                                     for s, n in new.items())
+                       if any(new.values()) else "ran: nothing new in the source", "output": o.shards}
+    train_set, test_set = fingerprint_shards(train_dir), fingerprint_shards(test_dir)
+    files = fingerprint_files({"classes": classes})
+    return {"classes": classes, "train_dir": train_dir, "test_dir": test_dir, "train_set": train_set,
+            "test_set": test_set, "files": files}
+
+
+def _crg_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, logger) -> tuple[str, str]:
+    """2. CRG (cached by the vocabulary's content); returns (crg.json's path, the CRG source)."""
+    from flows.crg import mine_crg
+
+    source_kind, why = crg_source_for(o.crg_source, o.base_url, o.api_key_block)
+    logger.info(f"CRG source: {source_kind} ({why})")
+    crg = str(Path(o.out) / "crg.json")
+    crg_fp = digest({"classes": sh["files"]["classes"], "source": source_kind, "model": o.crg_model,
+                     "neighbors": o.neighbors, "base_url": o.base_url, "backbone": o.backbone,
+                     "weights": weights_id(o.backbone, o.pretrained)})
+    if stages.done("crg", crg_fp) and os.path.exists(crg):
+        status["crg"] = {"status": f"skipped (classes.csv unchanged; {source_kind})", "output": crg}
+    else:
+        mine_crg(sh["classes"], crg, source=source_kind, base_url=o.base_url, model=o.crg_model,
+                 neighbors=o.neighbors, backbone=o.backbone, pretrained=o.pretrained,
+                 api_key_block=o.api_key_block)
+        stages.record("crg", crg_fp, {"crg": crg})
+        status["crg"] = {"status": f"ran ({source_kind})", "output": crg}
+    return crg, source_kind
+
+
+def _train_stage(o: PipelineOptions, status: dict, sh: dict, crg: str, crg_sha: str | None, logger) -> Path:
+    """3. train: one run folder per training fingerprint; a stopped run resumes from its last.pt.
+    Returns the checkpoint's path."""
+    from flows.demo import training_code_hash
+    from flows.train import train_flow
+
+    model_cfg = {"backbone": o.backbone, "pretrained": o.pretrained, **o.model_cfg}
+    train_cfg = {"epochs": o.epochs, "batch_size": o.batch_size, "lr": o.lr, "val_share": o.val_share}
+    train_fp = digest({"shards": sh["train_set"], "classes": sh["files"]["classes"], "crg": crg_sha,
+                       "model": model_cfg, "train": train_cfg, "nproc": o.nproc,
+                       "weights": weights_id(o.backbone, o.pretrained), "code": training_code_hash()})
+    run_dir = Path(o.out) / "runs" / train_fp[:12]
+    ckpt = run_dir / "model.pt"
+    if ckpt.exists() and (run_dir / "history.jsonl").exists():
+        status["train"] = {"status": "skipped (shards, classes, CRG and settings unchanged)", "output": str(ckpt)}
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.json").write_text(json.dumps({"train_shards": sh["train_dir"], "shard_set": sh["train_set"],
+                                                       "model": model_cfg, "train": train_cfg, "nproc": o.nproc},
+                                                      indent=1))
+        where = f"{o.nproc} processes under torchrun" if o.nproc > 1 else "this process"
+        logger.info(f"training DART in {run_dir} on {where} ({o.device})")
+        train_flow(sh["train_dir"], sh["classes"], str(run_dir), model_cfg, train_cfg, crg, "file", o.device,
+                   o.train_workers, nproc=o.nproc)
+        status["train"] = {"status": f"ran ({where})", "output": str(ckpt)}
+    return ckpt
+
+
+def _annotate_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, ckpt: Path, crg: str,
+                    crg_sha: str | None) -> tuple[dict, str]:
+    """4. annotate the test split; returns (annotate's summary, the annotate fingerprint)."""
+    from flows.annotate import annotate_flow
+
+    ann_fp = digest({"checkpoint": bytes_sha(str(ckpt)), "crg": crg_sha, "classes": sh["files"]["classes"],
+                     "shards": sh["test_set"], "batch": o.annotate_batch_size, "top_m": o.top_m,
+                     "pred": o.predictions})
+    done = stages.done("annotate", ann_fp)
+    if done and storage.exists(storage.join(o.predictions, "summary.json")):
+        ann = done["outputs"]["summary"]
+        status["annotate"] = {"status": "skipped (model and test shards unchanged)", "output": o.predictions}
+    else:
+        mode = annotate_mode(o.predictions, str(ckpt), crg, sh["classes"])
+        ann = annotate_flow(str(ckpt), sh["test_dir"], sh["classes"], o.predictions, crg, task_runner=o.task_runner,
+                            workers=o.annotate_workers, batch_size=o.annotate_batch_size, top_m=o.top_m,
+                            device=o.device, mode=mode)
+        stages.record("annotate", ann_fp, {"summary": ann})
+        status["annotate"] = {"status": f"ran (mode {mode}: {ann['images']} images, {ann['skipped']} shards "
+                                        "already done)", "output": o.predictions}
+    return ann, ann_fp
+
+
+def _evaluate_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: str) -> tuple[dict, str]:
+    """5. evaluate; returns (the evaluation, eval.json's path)."""
+    from flows.evaluate import evaluate_flow
+
+    eval_json = str(Path(o.out) / "eval.json")
+    ev_fp = digest({"annotate": ann_fp, "ks": o.ks})
+    if stages.done("evaluate", ev_fp) and os.path.exists(eval_json):
+        res = json.loads(Path(eval_json).read_text())
+        status["evaluate"] = {"status": "skipped (predictions unchanged)", "output": eval_json}
+    else:
+        res = evaluate_flow(o.predictions, o.ks, json_out=eval_json)
+        stages.record("evaluate", ev_fp, {"eval": eval_json})
+        status["evaluate"] = {"status": "ran", "output": eval_json}
+    return res, eval_json
+
+
+def _audit_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: str) -> str | None:
+    """6. audit (when o.audit); returns the report's path, or None."""
+    from flows.evaluate import audit_flow
+
+    if not o.audit:
+        return None
+    report_dir = str(Path(o.out) / "report")
+    au_fp = digest({"annotate": ann_fp, "limit": o.audit_limit})
+    rec = stages.done("audit", au_fp)
+    if rec and rec["outputs"].get("report") and os.path.exists(rec["outputs"]["report"]):
+        report = rec["outputs"]["report"]
+        status["audit"] = {"status": "skipped (predictions unchanged)", "output": report}
+    else:
+        report = audit_flow(o.predictions, report_dir, limit=o.audit_limit)
+        stages.record("audit", au_fp, {"report": report})
+        status["audit"] = {"status": "ran", "output": report}
+    return report
+
+
 @flow(name="pipeline")
 def pipeline_flow(source: str, format: str, out: str, test_source: str | None = None,
                   train_split: str | None = None, test_split: str | None = None, shards: str | None = None,
@@ -284,13 +413,6 @@ def pipeline_flow(source: str, format: str, out: str, test_source: str | None = 
                   audit_limit: int = 2000) -> dict:
     """shard -> CRG -> train -> annotate -> evaluate -> audit over SOURCE (see the module doc);
     returns the summary (paths, stage statuses, the evaluation)."""
-    from flows.annotate import annotate_flow
-    from flows.crg import mine_crg
-    from flows.demo import training_code_hash
-    from flows.evaluate import audit_flow, evaluate_flow
-    from flows.shard import shard
-    from flows.train import train_flow
-
     logger = get_run_logger()
     t0 = time.time()
     opts = PipelineOptions(source, format, out, test_source, train_split, test_split, shards, predictions,
@@ -306,101 +428,18 @@ def pipeline_flow(source: str, format: str, out: str, test_source: str | None = 
     Path(o.out).mkdir(parents=True, exist_ok=True)
     stages, status = Stages(o.out), {}
 
-    # 1. shard: incremental (what is sharded already is skipped; a rerun resumes)
-    reports = {}
-    for split, src in ((o.train_split, o.source), (o.test_split, o.test_source)):
-        r = shard(src, o.format, o.shards, split=split, shard_size=o.shard_size, mode="incremental",
-                  workers=o.shard_workers, image_size=o.image_size, absent=o.absent)
-        reports[split] = r
-    classes = storage.join(o.shards, "classes.csv")
-    train_dir, test_dir = storage.join(o.shards, o.train_split), storage.join(o.shards, o.test_split)
-    new = {s: len(r["new_shards"]) for s, r in reports.items()}
-    status["shard"] = {"status": "ran: " + ", ".join(f"{s} +{n} shards ({reports[s]['ok']} new samples)"
-                                                     for s, n in new.items())
-                       if any(new.values()) else "ran: nothing new in the source", "output": o.shards}
-    train_set, test_set = fingerprint_shards(train_dir), fingerprint_shards(test_dir)
-    files = fingerprint_files({"classes": classes})
-
-    # 2. CRG (cached by the vocabulary's content)
-    source_kind, why = crg_source_for(o.crg_source, o.base_url, o.api_key_block)
-    logger.info(f"CRG source: {source_kind} ({why})")
-    crg = str(Path(o.out) / "crg.json")
-    crg_fp = digest({"classes": files["classes"], "source": source_kind, "model": o.crg_model,
-                     "neighbors": o.neighbors, "base_url": o.base_url, "backbone": o.backbone,
-                     "weights": weights_id(o.backbone, o.pretrained)})
-    if stages.done("crg", crg_fp) and os.path.exists(crg):
-        status["crg"] = {"status": f"skipped (classes.csv unchanged; {source_kind})", "output": crg}
-    else:
-        mine_crg(classes, crg, source=source_kind, base_url=o.base_url, model=o.crg_model, neighbors=o.neighbors,
-                 backbone=o.backbone, pretrained=o.pretrained, api_key_block=o.api_key_block)
-        stages.record("crg", crg_fp, {"crg": crg})
-        status["crg"] = {"status": f"ran ({source_kind})", "output": crg}
+    sh = _shard_stage(o, status)
+    crg, source_kind = _crg_stage(o, stages, status, sh, logger)
     crg_sha = bytes_sha(crg)
-
-    # 3. train: one run folder per training fingerprint; a stopped run resumes from its last.pt
-    model_cfg = {"backbone": o.backbone, "pretrained": o.pretrained, **o.model_cfg}
-    train_cfg = {"epochs": o.epochs, "batch_size": o.batch_size, "lr": o.lr, "val_share": o.val_share}
-    train_fp = digest({"shards": train_set, "classes": files["classes"], "crg": crg_sha, "model": model_cfg,
-                       "train": train_cfg, "nproc": o.nproc, "weights": weights_id(o.backbone, o.pretrained),
-                       "code": training_code_hash()})
-    run_dir = Path(o.out) / "runs" / train_fp[:12]
-    ckpt = run_dir / "model.pt"
-    if ckpt.exists() and (run_dir / "history.jsonl").exists():
-        status["train"] = {"status": "skipped (shards, classes, CRG and settings unchanged)", "output": str(ckpt)}
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.json").write_text(json.dumps({"train_shards": train_dir, "shard_set": train_set,
-                                                       "model": model_cfg, "train": train_cfg, "nproc": o.nproc},
-                                                      indent=1))
-        where = f"{o.nproc} processes under torchrun" if o.nproc > 1 else "this process"
-        logger.info(f"training DART in {run_dir} on {where} ({o.device})")
-        train_flow(train_dir, classes, str(run_dir), model_cfg, train_cfg, crg, "file", o.device, o.train_workers,
-                   nproc=o.nproc)
-        status["train"] = {"status": f"ran ({where})", "output": str(ckpt)}
-
-    # 4. annotate the test split
-    ann_fp = digest({"checkpoint": bytes_sha(str(ckpt)), "crg": crg_sha, "classes": files["classes"],
-                     "shards": test_set, "batch": o.annotate_batch_size, "top_m": o.top_m, "pred": o.predictions})
-    done = stages.done("annotate", ann_fp)
-    if done and storage.exists(storage.join(o.predictions, "summary.json")):
-        ann = done["outputs"]["summary"]
-        status["annotate"] = {"status": "skipped (model and test shards unchanged)", "output": o.predictions}
-    else:
-        mode = annotate_mode(o.predictions, str(ckpt), crg, classes)
-        ann = annotate_flow(str(ckpt), test_dir, classes, o.predictions, crg, task_runner=o.task_runner,
-                            workers=o.annotate_workers, batch_size=o.annotate_batch_size, top_m=o.top_m,
-                            device=o.device, mode=mode)
-        stages.record("annotate", ann_fp, {"summary": ann})
-        status["annotate"] = {"status": f"ran (mode {mode}: {ann['images']} images, {ann['skipped']} shards "
-                                        "already done)", "output": o.predictions}
-
-    # 5. evaluate, 6. audit
-    eval_json = str(Path(o.out) / "eval.json")
-    ev_fp = digest({"annotate": ann_fp, "ks": o.ks})
-    if stages.done("evaluate", ev_fp) and os.path.exists(eval_json):
-        res = json.loads(Path(eval_json).read_text())
-        status["evaluate"] = {"status": "skipped (predictions unchanged)", "output": eval_json}
-    else:
-        res = evaluate_flow(o.predictions, o.ks, json_out=eval_json)
-        stages.record("evaluate", ev_fp, {"eval": eval_json})
-        status["evaluate"] = {"status": "ran", "output": eval_json}
-    report = None
-    if o.audit:
-        report_dir = str(Path(o.out) / "report")
-        au_fp = digest({"annotate": ann_fp, "limit": o.audit_limit})
-        rec = stages.done("audit", au_fp)
-        if rec and rec["outputs"].get("report") and os.path.exists(rec["outputs"]["report"]):
-            report = rec["outputs"]["report"]
-            status["audit"] = {"status": "skipped (predictions unchanged)", "output": report}
-        else:
-            report = audit_flow(o.predictions, report_dir, limit=o.audit_limit)
-            stages.record("audit", au_fp, {"report": report})
-            status["audit"] = {"status": "ran", "output": report}
+    ckpt = _train_stage(o, status, sh, crg, crg_sha, logger)
+    ann, ann_fp = _annotate_stage(o, stages, status, sh, ckpt, crg, crg_sha)
+    res, eval_json = _evaluate_stage(o, stages, status, ann_fp)
+    report = _audit_stage(o, stages, status, ann_fp)
     summary = {
         "source": o.source, "format": o.format, "out": o.out, "ks": o.ks, "stages": status,
-        "paths": {"shards": o.shards, "classes": classes, "crg": crg, "checkpoint": str(ckpt),
+        "paths": {"shards": o.shards, "classes": sh["classes"], "crg": crg, "checkpoint": str(ckpt),
                   "predictions": o.predictions, "eval": eval_json, "report": report},
-        "figures": {"training shards": train_set["shards"], "test shards": test_set["shards"],
+        "figures": {"training shards": sh["train_set"]["shards"], "test shards": sh["test_set"]["shards"],
                     "test images annotated": ann.get("images"), "unreadable test samples": ann.get("errors"),
                     "CRG source": source_kind, "training processes": o.nproc, "device": o.device},
         "eval": {k: v for k, v in res.items() if k in ("zsl", "gzsl", "seen")},

@@ -126,14 +126,10 @@ class ParsedAnswer:
     parseable: bool = True
 
 
-def parse_answer(text: str | None, index: NameIndex, target_id: str) -> ParsedAnswer:
-    out = ParsedAnswer()
-    if not text or not text.strip():
-        out.parseable = False
-        return out
-    lines = text.splitlines()
-    # 1) find headers: "Related Category n: name" always; "n. name" only if its block has a strength line
-    blocks: list[tuple[str, list[str], bool]] = []  # (raw name, block lines, strong header)
+def _find_blocks(lines: list[str]) -> list[tuple[str, list[str], bool]]:
+    """Headers and their blocks: "Related Category n: name" always; "n. name" only if its block has a
+    strength line (decided by the caller). Returns (raw name, block lines, strong header)."""
+    blocks: list[tuple[str, list[str], bool]] = []
     for line in lines:
         plain = _MD.sub("", line)
         m = _HEADER_RELATED.match(plain)
@@ -146,22 +142,39 @@ def parse_answer(text: str | None, index: NameIndex, target_id: str) -> ParsedAn
             continue
         if blocks:
             blocks[-1][1].append(plain)
+    return blocks
+
+
+def _block_strength(raw: str, body: list[str]) -> tuple[str, str | None]:
+    """A block's strength text (its "Strength: ..." line, else one written on the header line) and
+    the name with a header-line strength cut off."""
+    strength_text = None
+    for b in body:
+        a = _ATTR.match(b)
+        if a and "strength" in a.group(1).lower():
+            strength_text = a.group(2)
+            break
+    # a strength written on the header line: "1. natural (High)" / "natural - High"
+    header_strength = re.search(r"[(\[\-–—:]\s*(high|medium|low)\s*[)\]]?\s*$", _clean_name(raw), re.IGNORECASE)
+    if header_strength:
+        raw = raw[: raw.lower().rfind(header_strength.group(1).lower())]
+        raw = re.sub(r"[\s(\[\-–—:]+$", "", raw)
+        strength_text = strength_text or header_strength.group(1)
+    return raw, strength_text
+
+
+def parse_answer(text: str | None, index: NameIndex, target_id: str) -> ParsedAnswer:
+    out = ParsedAnswer()
+    if not text or not text.strip():
+        out.parseable = False
+        return out
+    # 1) find headers: "Related Category n: name" always; "n. name" only if its block has a strength line
+    blocks = _find_blocks(text.splitlines())
     found: dict[str, int] = {}
     order: list[str] = []
     any_entry = False
     for raw, body, strong in blocks:
-        strength_text = None
-        for b in body:
-            a = _ATTR.match(b)
-            if a and "strength" in a.group(1).lower():
-                strength_text = a.group(2)
-                break
-        # a strength written on the header line: "1. natural (High)" / "natural - High"
-        header_strength = re.search(r"[(\[\-–—:]\s*(high|medium|low)\s*[)\]]?\s*$", _clean_name(raw), re.IGNORECASE)
-        if header_strength:
-            raw = raw[: raw.lower().rfind(header_strength.group(1).lower())]
-            raw = re.sub(r"[\s(\[\-–—:]+$", "", raw)
-            strength_text = strength_text or header_strength.group(1)
+        raw, strength_text = _block_strength(raw, body)
         if not strong and strength_text is None:
             continue  # a numbered line in prose (e.g. the model restating the five types)
         any_entry = True

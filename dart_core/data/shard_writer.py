@@ -262,6 +262,76 @@ def _ordered_map(records: Iterable[InputRecord], cfg: WriterConfig, reader: Stor
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _clear_incomplete(store: ShardDir, mode: str) -> set:
+    """Delete the shards this run redoes (overwrite: all of them; else the incomplete ones);
+    returns the numbers of the complete shards that stay."""
+    complete, present = _scan(store)
+    if mode == "overwrite":
+        for i in sorted(present):
+            _delete_shard(store, i)
+        complete = set()
+    else:
+        for i in sorted(present - complete):
+            _delete_shard(store, i)  # incomplete: redone below
+    return complete
+
+
+def _shard_numbers(complete: set, mode: str):
+    """The numbers of the shards to write, in order (an iterator)."""
+    # incremental: an incomplete shard is redone under its own number (gaps are filled first);
+    # extend: new shards are numbered after the last complete one.
+    top = max(complete) + 1 if complete else 0
+    free = [i for i in range(top) if i not in complete] if mode == "incremental" else []
+    return itertools.chain(free, itertools.count(top))  # lazily: a list of 10**6 numbers cost ~80 ms a run
+
+
+def _todo(records: Iterable[InputRecord], done: dict, report: ShardReport):
+    """The records still to write: skips the rows of complete shards (counted in `report`) and
+    marks a repeated id as a DUPLICATE_ID failure."""
+    seen_keys = {k for k, _ in done}
+    occurrences: Counter = Counter()
+    for rec in records:
+        report.inputs += 1
+        ident = (rec.key, rec.path)
+        n = occurrences[ident]
+        occurrences[ident] += 1
+        prior = done.get(ident, ())
+        if n < len(prior):
+            report.skipped += 1  # already a row of a complete shard
+            if prior[n] not in report.resumed_shards:
+                report.resumed_shards.append(prior[n])
+            continue
+        if rec.key in seen_keys and rec.error is None:
+            rec.error = (R.DUPLICATE_ID, f"{rec.path}: id {rec.key!r} already used by an earlier input")
+        seen_keys.add(rec.key)
+        yield rec
+
+
+def _fill_shards(results, cfg: WriterConfig, store: ShardDir, report: ShardReport, numbers, staging,
+                 meta: dict, bar) -> None:
+    """Put the decoded `results` (record, result) into shards, closing each when full."""
+    shard: _Shard | None = None
+    for rec, res in results:
+        check_interrupt()  # the shard being filled is staged only: a rerun redoes it
+        ok = rec.error is None and res[0] == "ok"
+        # Rotate only when the next *sample* does not fit, so failed rows that follow the
+        # last sample stay in its shard instead of making a shard with an empty tar.
+        if ok and shard is not None and (shard.ok >= cfg.shard_size or shard.tar_bytes >= cfg.max_shard_bytes):
+            _close(shard, store, report)
+            shard = None
+        if shard is None:
+            shard = _Shard(_next_number(numbers), staging, meta, store)
+        if rec.error is not None:
+            shard.add_failed(rec, *rec.error)
+        elif not ok:
+            shard.add_failed(rec, res[1], res[2])
+        else:
+            shard.add_ok(rec, res[1])
+        bar.update(1)
+    if shard is not None:
+        _close(shard, store, report)
+
+
 def write_shards(records: Iterable[InputRecord], out: str | ShardDir, cfg: WriterConfig | None = None,
                  *, reader: Storage | None = None, meta: dict | None = None, log=None) -> ShardReport:
     """Write `records` as shards into `out` (a local dir, an s3:// prefix or a ShardDir). See the module doc.
@@ -273,68 +343,18 @@ def write_shards(records: Iterable[InputRecord], out: str | ShardDir, cfg: Write
     report = ShardReport(out=store.url)
     if (cfg.workers or os.cpu_count() or 1) > 1:
         start_forkserver()  # boots while the store is scanned and the done inputs are read
-    complete, present = _scan(store)
-    if cfg.mode == "overwrite":
-        for i in sorted(present):
-            _delete_shard(store, i)
-        complete = set()
-    else:
-        for i in sorted(present - complete):
-            _delete_shard(store, i)  # incomplete: redone below
+    complete = _clear_incomplete(store, cfg.mode)
     done = _done_inputs(store, complete)
-    seen_keys = {k for k, _ in done}
-    occurrences: Counter = Counter()
-    # incremental: an incomplete shard is redone under its own number (gaps are filled first);
-    # extend: new shards are numbered after the last complete one.
-    top = max(complete) + 1 if complete else 0
-    free = [i for i in range(top) if i not in complete] if cfg.mode == "incremental" else []
-    numbers = itertools.chain(free, itertools.count(top))  # lazily: a list of 10**6 numbers cost ~80 ms a run
+    numbers = _shard_numbers(complete, cfg.mode)
     staging = store.staging_dir()
     meta = {"image_size": cfg.image_size, "jpeg_quality": cfg.jpeg_quality, **(meta or {})}
-
-    def todo():
-        for rec in records:
-            report.inputs += 1
-            ident = (rec.key, rec.path)
-            n = occurrences[ident]
-            occurrences[ident] += 1
-            prior = done.get(ident, ())
-            if n < len(prior):
-                report.skipped += 1  # already a row of a complete shard
-                if prior[n] not in report.resumed_shards:
-                    report.resumed_shards.append(prior[n])
-                continue
-            if rec.key in seen_keys and rec.error is None:
-                rec.error = (R.DUPLICATE_ID, f"{rec.path}: id {rec.key!r} already used by an earlier input")
-            seen_keys.add(rec.key)
-            yield rec
 
     from dart_core.progress import progress_bar
 
     bar = progress_bar(desc=f"shard {store.url}", unit="img", log=log, enabled=cfg.progress)
-    shard: _Shard | None = None
-    results = _ordered_map(todo(), cfg, reader)
+    results = _ordered_map(_todo(records, done, report), cfg, reader)
     try:
-        for rec, res in results:
-            check_interrupt()  # the shard being filled is staged only: a rerun redoes it
-            ok = rec.error is None and res[0] == "ok"
-            # Rotate only when the next *sample* does not fit, so failed rows that follow the
-            # last sample stay in its shard instead of making a shard with an empty tar.
-            if ok and shard is not None and (shard.ok >= cfg.shard_size or shard.tar_bytes >= cfg.max_shard_bytes):
-                _close(shard, store, report)
-                shard = None
-            if shard is None:
-                shard = _Shard(_next_number(numbers), staging, meta, store)
-            if rec.error is not None:
-                shard.add_failed(rec, *rec.error)
-            elif not ok:
-                shard.add_failed(rec, res[1], res[2])
-            else:
-                shard.add_ok(rec, res[1])
-            bar.update(1)
-        if shard is not None:
-            _close(shard, store, report)
-            shard = None
+        _fill_shards(results, cfg, store, report, numbers, staging, meta, bar)
     except Exception as e:
         from concurrent.futures.process import BrokenProcessPool
         if isinstance(e, BrokenProcessPool):

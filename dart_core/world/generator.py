@@ -216,6 +216,7 @@ def _simple_classes(shape: str, colour: str, texture: str, size: str) -> tuple[s
     return (shape, FAMILY_OF[shape], colour) + ((texture,) if texture != "plain" else ()) + (size,)
 
 
+# stays long: its rng draws must stay in exactly this order (the demo world is a bit-identical instrument)
 def _draw_composite(kind: str, rng: random.Random, canvas: _Canvas, scene: Scene) -> tuple[list[WorldObject], dict] | None:
     S = canvas.size
     u = S / 64  # composite geometry is designed at 64 px and scaled
