@@ -82,6 +82,7 @@ class PipelineOptions:
     ks: list[int] = field(default_factory=lambda: [3, 5])
     audit: bool = True
     audit_limit: int = 2000
+    checkpoint_every: int = 0  # also write last.pt every N steps (not part of the training fingerprint)
 
     def resolved(self) -> "PipelineOptions":
         """Defaults filled in; raises PipelineError naming the option for what cannot work."""
@@ -108,6 +109,8 @@ class PipelineOptions:
                 raise PipelineError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be at least 1")
         if not 0 <= o.val_share < 1:
             raise PipelineError(f"--val-share {o.val_share}: must be in [0, 1)")
+        if o.checkpoint_every < 0:
+            raise PipelineError(f"--checkpoint-every {o.checkpoint_every}: must be 0 or more")
         if not o.ks or min(o.ks) < 1:
             raise PipelineError(f"--k {o.ks}: each K must be at least 1")
         from dart_core.backbone import is_weights_file
@@ -335,7 +338,9 @@ def _train_stage(o: PipelineOptions, status: dict, sh: dict, crg: str, crg_sha: 
                                                       indent=1))
         where = f"{o.nproc} processes under torchrun" if o.nproc > 1 else "this process"
         logger.info(f"training DART in {run_dir} on {where} ({o.device})")
-        train_flow(sh["train_dir"], sh["classes"], str(run_dir), model_cfg, train_cfg, crg, "file", o.device,
+        # checkpoint_every decides when last.pt is written, not what is learnt: outside the fingerprint
+        train_flow(sh["train_dir"], sh["classes"], str(run_dir), model_cfg,
+                   {**train_cfg, "checkpoint_every": o.checkpoint_every}, crg, "file", o.device,
                    o.train_workers, nproc=o.nproc)
         status["train"] = {"status": f"ran ({where})", "output": str(ckpt)}
     return ckpt
@@ -410,7 +415,7 @@ def pipeline_flow(source: str, format: str, out: str, test_source: str | None = 
                   val_share: float = 0.05, nproc: int = 1, device: str = "cpu", train_workers: int | None = None,
                   annotate_batch_size: int = 64, top_m: int = 10, task_runner: str = "threads",
                   annotate_workers: int | None = None, ks: list[int] | None = None, audit: bool = True,
-                  audit_limit: int = 2000) -> dict:
+                  audit_limit: int = 2000, checkpoint_every: int = 0) -> dict:
     """shard -> CRG -> train -> annotate -> evaluate -> audit over SOURCE (see the module doc);
     returns the summary (paths, stage statuses, the evaluation)."""
     logger = get_run_logger()
@@ -419,7 +424,7 @@ def pipeline_flow(source: str, format: str, out: str, test_source: str | None = 
                            shard_size, shard_workers, image_size, absent, crg_source, crg_model, base_url,
                            api_key_block, neighbors, backbone, pretrained, dict(model_cfg or {}), epochs, batch_size,
                            lr, val_share, nproc, device, train_workers, annotate_batch_size, top_m, task_runner,
-                           annotate_workers, list(ks or [3, 5]), audit, audit_limit)
+                           annotate_workers, list(ks or [3, 5]), audit, audit_limit, checkpoint_every)
     o = PipelineOptions(**check_options(asdict(opts)))
     if o.nproc > 1:
         from flows.train import check_ranks

@@ -56,10 +56,13 @@ def test_pipeline_folder_source_runs_then_skips_then_takes_new_images(tmp_path, 
 
     def run():
         return pipeline_flow(str(src["train"]), "folder", str(work), test_source=str(src["test"]),
-                             pretrained=tiny_clip_ckpt, **TINY)
+                             pretrained=tiny_clip_ckpt, checkpoint_every=1, **TINY)
 
     s = run()
     assert statuses(s) == {k: "ran" for k in ("shard", "crg", "train", "annotate", "evaluate", "audit")}
+    from dart_core.checkpoint import read_checkpoint
+
+    assert read_checkpoint(Path(s["paths"]["checkpoint"]).with_name("last.pt"))["train_config"]["checkpoint_every"] == 1
     assert "similarity" in s["stages"]["crg"]["status"]  # no LLM endpoint configured: said so
     pred = Path(s["paths"]["predictions"])
     assert sorted(image_ids(pred)) == sorted(set(image_ids(pred))) and len(image_ids(pred)) == 20

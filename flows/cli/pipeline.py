@@ -44,6 +44,8 @@ def pipeline(
     task_runner: Literal["threads", "dask", "ray"] = typer.Option("threads", "--task-runner", help="Where annotate's shard tasks run."),
     k: List[int] = typer.Option([3, 5], "--k", min=1, help="K for P/R/F1@K (repeat: --k 3 --k 5)."),
     audit: bool = typer.Option(True, "--audit/--no-audit", help="Write the label-audit report."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Also write last.pt every N training steps "
+                                                                          "(0: at each epoch's end); a killed run loses at most N steps."),
 ) -> None:
     """Run the whole pipeline on a real source: shard (incremental) -> CRG (cached) -> train -> annotate
     -> evaluate -> audit. Each stage is skipped when its inputs have not changed; prints the eval table."""
@@ -56,7 +58,7 @@ def pipeline(
                            model_cfg={"top_k_share": top_k_share} if top_k_share else {}, epochs=epochs,
                            batch_size=batch_size, lr=lr, val_share=val_share, nproc=nproc, device=device,
                            annotate_batch_size=annotate_batch_size, top_m=top_m, task_runner=task_runner, ks=list(k),
-                           audit=audit)
+                           audit=audit, checkpoint_every=checkpoint_every)
     opts.resolved()  # a bad option: one error line now, before Prefect starts
     if device.startswith("cuda"):
         import torch
