@@ -556,8 +556,9 @@ def _train_on_shards(shards, vocab, out_dir, model_cfg, train_cfg, n_samples, cr
     if rank == 0:
         from dart_core.devices import unused_gpu_note
 
-        if unused_gpu_note(device):
-            log(f"warning: {unused_gpu_note(device)}")
+        note = unused_gpu_note(device)
+        if note:
+            log(f"warning: {note}")
         log(f"DART on {model_cfg.backbone}/{model_cfg.pretrained}: {counts['trainable']:,} trainable of "
             f"{counts['total']:,} parameters; {len(seen)} seen classes, {n_train} training samples; {val_note}")
     steps = n_train // (bs * world)

@@ -239,8 +239,9 @@ def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg:
         logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
         from dart_core.devices import unused_gpu_note
 
-        if unused_gpu_note(device):
-            logger.warning(unused_gpu_note(device))
+        note = unused_gpu_note(device)
+        if note:
+            logger.warning(note)
         with ray_gpus(task_runner, device):
             stats = _annotate_shards.with_options(task_runner=runner)(
                 str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)

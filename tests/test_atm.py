@@ -75,15 +75,21 @@ def test_gatv2_dense_matches_pyg_forward_and_gradients(chunk, monkeypatch):
         assert torch.allclose(got, want, atol=1e-4)
 
 
+def random_atm(dim: int, heads: int, std: float) -> ATM:
+    """An ATM whose every weight (zero-initialised ones included) is drawn, so each path computes."""
+    atm = ATM(dim, heads=heads)
+    with torch.no_grad():
+        for p in atm.parameters():
+            p.normal_(0, std)
+    return atm
+
+
 def test_mm_atm_batched_and_restricted_tables_match_pyg_edge_lists():
     """MM-ATM over B copies of the graph, and over each image's candidate subgraph, equal PyG's
     GATv2Conv over the corresponding (offset, filtered) edge lists."""
     torch.manual_seed(1)
     B, C, D, M = 3, 11, 8, 4
-    atm = ATM(D, heads=2)
-    with torch.no_grad():
-        for p in atm.parameters():
-            p.normal_(0, 0.3)
+    atm = random_atm(D, heads=2, std=0.3)
     edges = random_graph(C, seed=5)
     graph = NeighbourTable.from_edge_index(edges, C)
     x_vis, h_txt = torch.randn(B, C, D), torch.randn(C, D)
@@ -127,10 +133,7 @@ def test_mm_atm_training_memory_grows_with_rows_not_edges(monkeypatch):
 
     torch.manual_seed(0)
     B, C, D, N = 4, 200, 64, 12
-    atm = ATM(D, heads=4)
-    with torch.no_grad():
-        for p in atm.parameters():
-            p.normal_(0, 0.1)
+    atm = random_atm(D, heads=4, std=0.1)
     edges = torch.cat([torch.stack([torch.randint(0, C, (C * N,)), torch.arange(C).repeat_interleave(N)]),
                        torch.arange(C).repeat(2, 1)], 1)
     graph = NeighbourTable.from_edge_index(edges, C)

@@ -128,6 +128,18 @@ class Crash(Exception):
     pass
 
 
+def seeded_model(clip_ckpt, vocab):
+    """The same tiny DART every call (seed 0, a random CRG): runs compared step by step start equal."""
+    from dart_core.crg.graph import random_crg
+    from dart_core.model import DART
+    from tests.model_fixtures import tiny_config
+
+    torch.manual_seed(0)
+    m = DART(tiny_config(pretrained=clip_ckpt))
+    m.set_classes(NAMES, random_crg(vocab, 2, seed=0).edge_index(vocab))
+    return m
+
+
 class CrashingData:
     """Yields the batches, but raises after `crash_after` batches in total (a simulated kill)."""
 
@@ -146,15 +158,8 @@ class CrashingData:
 
 
 def test_resume_after_crash_matches_uninterrupted(tiny_clip_ckpt, vocab, tmp_path):
-    from dart_core.crg.graph import random_crg
-    from dart_core.model import DART
-    from tests.model_fixtures import tiny_config
-
     def new_model():
-        torch.manual_seed(0)
-        m = DART(tiny_config(pretrained=tiny_clip_ckpt))
-        m.set_classes(NAMES, random_crg(vocab, 2, seed=0).edge_index(vocab))
-        return m
+        return seeded_model(tiny_clip_ckpt, vocab)
 
     x, y = fixed_batch(12)
     batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
@@ -171,15 +176,8 @@ def test_resume_after_crash_matches_uninterrupted(tiny_clip_ckpt, vocab, tmp_pat
 def test_checkpoint_every_resumes_mid_epoch(tiny_clip_ckpt, vocab, tmp_path):
     """checkpoint_every=2 with 3 steps an epoch: a crash in step 6 finds last.pt at step 4 (the
     middle of epoch 2), and the resumed run continues from step 5 with the uninterrupted losses."""
-    from dart_core.crg.graph import random_crg
-    from dart_core.model import DART
-    from tests.model_fixtures import tiny_config
-
     def new_model():
-        torch.manual_seed(0)
-        m = DART(tiny_config(pretrained=tiny_clip_ckpt))
-        m.set_classes(NAMES, random_crg(vocab, 2, seed=0).edge_index(vocab))
-        return m
+        return seeded_model(tiny_clip_ckpt, vocab)
 
     x, y = fixed_batch(12)
     batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
