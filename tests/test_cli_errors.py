@@ -229,7 +229,7 @@ def stop_twice_then_finish(args: list[str], env: dict, units, what: str, total: 
 @pytest.mark.slow  # three `dart annotate` processes, each ~10 s to start on a loaded 2-core machine
 def test_ctrl_c_annotate_then_rerun(world, tmp_path, cli_env):
     shards = tmp_path / "shards"
-    keys = make_shards(shards / "val", n_shards=6, per_shard=6)
+    keys = make_shards(shards / "val", n_shards=12, per_shard=6)
     shutil.copy(world["classes"], shards / "classes.csv")
     out = tmp_path / "pred"
     args = annotate_args(world, out, shards=str(shards), **{"batch-size": "2"})
@@ -237,7 +237,7 @@ def test_ctrl_c_annotate_then_rerun(world, tmp_path, cli_env):
     def done() -> int:
         return len(list((out / "_done").glob("*.json")))
 
-    stop_twice_then_finish(args, cli_env, done, "finished shard", total=6)
+    stop_twice_then_finish(args, cli_env, done, "finished shard", total=12)  # enough shards that a stop lands before the end
     rows = duckdb.sql(f"SELECT image_id, count(*) FROM read_parquet('{out}/scores/*/*.parquet') "
                       "GROUP BY image_id").fetchall()
     assert sorted(k for k, _ in rows) == sorted(keys) and {n for _, n in rows} == {1}
