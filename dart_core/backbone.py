@@ -270,33 +270,30 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward_features(self, images: torch.Tensor, n_blocks: int = 0) -> VisionFeatures:
-        """Run the frozen vision tower once, keeping what the ARM needs from its last `n_blocks`.
+        """Run the frozen vision tower once, keeping what the ARM needs from its last `n_blocks`:
+        each kept block's input and output, class token + patches, (B, 1 + P, width).
 
-        Why this loop over the blocks rather than open_clip's public
-        `VisionTransformer.forward_intermediates` (checked on the pinned open_clip_torch 3.3.0): that
-        method returns each taken block's *output* only. For n_blocks < depth it would do — asking
-        for the last n_blocks + 1 outputs, block i's input is block i-1's output, and its outputs,
-        `image_features` and the patch features from the last output are bit-identical to this
-        loop's — but the ARM may sit beside every block (ARM accepts n_layers in 1..depth), and
-        then it reads the input of block 0, `ln_pre(patch embedding + class token + positions)`,
-        which forward_intermediates never returns. It also returns the class token split off each
-        intermediate (`image_intermediates_prefix`), while the ARM attends over class token +
-        patches, so every kept block would be concatenated back (one more (B, 1+P, width) copy
-        per block). And it calls the same `_embeds` and `_pool` itself, so it would not remove the
-        dependence on them; tests/test_model.py::test_main_stream_bit_identical_with_and_without_arm
-        compares this path with `encode_image` bit for bit and catches a change of either."""
+        The blocks run through open_clip's public `Transformer.forward_intermediates`, asked for
+        the outputs of blocks `depth - n_blocks - 1 .. depth - 1`: block i's input is block i-1's
+        output, and the first block's input is the embedded image itself (the ARM may sit beside
+        every block). Not `VisionTransformer.forward_intermediates`: that one splits the class token
+        off each intermediate, which the ARM attends over, so each would be concatenated back (one
+        more copy per block). The embedding and pooling around the blocks are open_clip's own
+        `_embeds` / `_pool`, the calls its forward makes; tests/test_model.py compares this path
+        with `encode_image` bit for bit, and tests/test_backbone_features.py with a plain loop over
+        the blocks."""
         v = self.clip.visual
         if images.shape[-2:] != tuple(v.image_size):
             raise BackboneError(f"images are {tuple(images.shape[-2:])}, the backbone expects {tuple(v.image_size)}")
-        x = v._embeds(images)
+        embedded = v._embeds(images)
         first_kept = self.n_layers - n_blocks
-        ins, outs = [], []
-        for i, blk in enumerate(v.transformer.resblocks):  # same loop as open_clip Transformer.forward
-            if i >= first_kept:
-                ins.append(x)
-            x = blk(x, attn_mask=None)
-            if i >= first_kept:
-                outs.append(x)
+        if n_blocks == 0:
+            x, ins, outs = v.transformer(embedded), [], []
+        else:
+            taken = list(range(max(first_kept - 1, 0), self.n_layers))
+            x, features = v.transformer.forward_intermediates(embedded, indices=taken)
+            outs = features[-n_blocks:]
+            ins = [embedded if first_kept == 0 else features[0]] + outs[:-1]
         pooled, _ = v._pool(x)
         global_feature = pooled @ v.proj if v.proj is not None else pooled
         patches = v.ln_post(x[:, 1:])
