@@ -145,6 +145,7 @@ def bare_forward(model, x, batch: int) -> float:
 def in_shard(model, vocab, shard: str, out: Path, batch: int, num_workers: int) -> tuple[float, dict]:
     """annotate_shard over one shard with the model loaded; the time inside it split by phase."""
     import dart_core.infer as infer
+    from dart_core.options.annotate import AnnotateOptions
 
     prof = {"wait for data": 0.0, "forward": 0.0, "parquet writing": 0.0}
     real_batches, real_write, real_forward = infer.shard_batches, infer._write_table, model.forward
@@ -176,7 +177,8 @@ def in_shard(model, vocab, shard: str, out: Path, batch: int, num_workers: int) 
     infer.shard_batches, infer._write_table, model.forward = batches, write, forward
     try:
         t = time.perf_counter()
-        s = infer.annotate_shard(model, vocab, shard, out, infer.AnnotateConfig(batch_size=batch, num_workers=num_workers))
+        s = infer.annotate_shard(model, vocab, shard, out, AnnotateOptions(
+            checkpoint="-", shards=shard, classes="-", out=out, batch_size=batch, decode_threads=num_workers))
         wall = time.perf_counter() - t
     finally:
         infer.shard_batches, infer._write_table = real_batches, real_write
@@ -189,17 +191,19 @@ def in_shard(model, vocab, shard: str, out: Path, batch: int, num_workers: int) 
 def end_to_end(ckpt: str, classes_csv: str, shards: Path, out: Path, batch: int, num_workers: int) -> tuple[float, dict]:
     from prefect import flow
 
+    import dart_core.infer as infer
     import flows.annotate as fa
+    from dart_core.options.annotate import AnnotateOptions
 
     @flow
     def warm_up() -> None:  # starts Prefect's temporary API server outside the timed region
         return None
 
     warm_up()
-    fa._models.clear()  # the flow loads the model itself (counted)
+    infer._models.clear()  # the flow loads the model itself (counted)
     t = time.perf_counter()
-    s = fa.annotate_flow(ckpt, str(shards), classes_csv, str(out), batch_size=batch, workers=1, mode="overwrite",
-                         num_workers=num_workers)
+    s = fa.annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=shards, classes=classes_csv, out=out, batch_size=batch,
+                                         workers=1, mode="overwrite", decode_threads=num_workers))
     wall = time.perf_counter() - t
     done = [json.loads(p.read_text()) for p in (out / "_done").glob("*.json")]
     return s["images"] / wall, {"wall": wall, "in shards": sum(d["seconds"] for d in done), "images": s["images"]}

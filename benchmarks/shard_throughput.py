@@ -5,7 +5,7 @@
 1. generates N photo-like JPEGs (gradient + noise) in a temp folder with a labels.csv;
 2. bare loop: the same decode -> EXIF transpose -> RGB -> resize (shorter side 256, JPEG draft
    decoding) -> JPEG encode, with PIL in a ProcessPoolExecutor over all cores, nothing written;
-3. `dart shard`'s code path (flows.shard.shard_source, folder format) on the same files;
+3. `dart shard`'s code path (dart_core.data.shard_run.shard_source, folder format) on the same files;
 4. peak RSS (parent, and the largest worker) of sharding N and 4N images, each in a fresh process.
 Prints images/s of both, their ratio, and the RSS figures.
 """
@@ -65,7 +65,8 @@ def bare(paths: list[str], workers: int) -> float:
 
 RSS_CHILD = """
 import json, os, resource, sys, threading, time
-from flows.shard import shard_source
+from dart_core.data.shard_run import shard_source
+from dart_core.options.data import ShardOptions
 
 peak = {"kb": 0}
 def descendants_rss_kb():
@@ -94,7 +95,8 @@ def poll():
     while True:
         peak["kb"] = max(peak["kb"], descendants_rss_kb()); time.sleep(0.2)
 threading.Thread(target=poll, daemon=True).start()
-r = shard_source(sys.argv[1], "folder", sys.argv[2], shard_size=1000, workers=int(sys.argv[3]), progress=False)
+r = shard_source(ShardOptions(source=sys.argv[1], format="folder", out=sys.argv[2], shard_size=1000,
+                              workers=int(sys.argv[3])), progress=False)
 print(json.dumps({"ok": r["ok"], "self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "workers_kb": peak["kb"]}))
 """
@@ -116,7 +118,8 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true")
     a = ap.parse_args()
     w, h = map(int, a.size.split("x"))
-    from flows.shard import shard_source
+    from dart_core.data.shard_run import shard_source
+    from dart_core.options.data import ShardOptions
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -128,8 +131,8 @@ def main() -> None:
         for _ in range(a.repeats):
             t_bare = min(t_bare, bare(paths, a.workers))
             t0 = time.perf_counter()
-            r = shard_source(str(tmp / "n"), "folder", str(tmp / "out"), shard_size=1000, workers=a.workers,
-                             mode="overwrite", progress=False)
+            r = shard_source(ShardOptions(source=str(tmp / "n"), format="folder", out=str(tmp / "out"),
+                                          shard_size=1000, workers=a.workers, mode="overwrite"), progress=False)
             t_shard = min(t_shard, time.perf_counter() - t0)
             assert r["ok"] == a.n, r
         bare_ips, shard_ips = a.n / t_bare, a.n / t_shard

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 
 from dart_core.data.shard_format import SampleDecoder, shard_id
 from dart_core.interrupt import check as check_interrupt
+from dart_core.options.annotate import AnnotateOptions
 from dart_core.predictions import TABLES, WRITTEN_SCHEMAS, done_marker, part_url
 # re-exported: the prediction folder and the thresholds were split out of this module, and callers
 # (flows/, tests/, benchmarks/, dart_core.evaluate) import these names from here
@@ -40,15 +41,41 @@ from dart_core.thresholds import calibrate_thresholds, read_thresholds  # noqa: 
 from dart_core.vocab import Vocabulary
 
 
-@dataclass
-class AnnotateConfig:
-    top_m: int = 10  # tags per image (plus every class above its threshold)
-    batch_size: int = 64
-    num_workers: int = 1  # decoding runs in this many threads, beside the model (0: inline)
-    device: str = "cpu"
-    # "dart": DART's scores and refined patch selections; "zero_shot": the frozen VLP's own
-    # s·cos(global, t_c) and its raw patch scores S* (the baseline DART is compared with)
-    score: str = "dart"
+# ---- the model of this process ------------------------------------------------------------------
+
+_models: dict = {}
+_models_lock = threading.Lock()
+
+
+def load_annotator(options: AnnotateOptions, crg: str | None) -> tuple:
+    """(model, vocab) for `options` in this process: loaded by the first shard task, reused by the
+    next ones (threads of this process, or the tasks a long-lived Dask worker runs, run after run).
+    Keyed by the files' contents, not only their paths: a checkpoint, vocabulary or CRG rewritten in
+    place is loaded anew. One model per device is kept: a worker that moves to another model frees
+    the last one. `crg`: the CRG to use (the run's extended copy of options.crg)."""
+    from dart_core.backbone import file_sha256
+    from dart_core.checkpoint import check_vocabulary, load_model, read_checkpoint
+    from dart_core.crg.graph import CRG
+
+    checkpoint, classes = options.checkpoint, options.classes
+    # file_sha256 is memoised per (path, size, mtime): the checkpoint is hashed once per version
+    ck = file_sha256(checkpoint) if Path(checkpoint).is_file() else None  # (missing: read_checkpoint says so)
+    key = (checkpoint, ck, classes, file_hash(classes), crg, file_hash(crg), options.device, options.mm_candidates)
+    with _models_lock:
+        if key not in _models:
+            # one model per device: threads placed on different GPUs each keep theirs
+            for old in [k for k in _models if k[6] == options.device]:
+                del _models[old]
+            vocab = Vocabulary.read_csv(classes)
+            doc = read_checkpoint(checkpoint)
+            check_vocabulary(doc, vocab, checkpoint)
+            model, _ = load_model(checkpoint, device=options.device, doc=doc)
+            edges = CRG.read(crg).edge_index(vocab) if crg else None
+            model.set_classes(list(vocab.names), edges)
+            model.mm_candidates = options.mm_candidates
+            model.eval()
+            _models[key] = (model, vocab)
+        return _models[key]
 
 
 # ---- reading a shard, tolerating bad samples ----------------------------------------------------
@@ -199,9 +226,10 @@ def _write_table(rows: dict[str, list], name: str, path: Path) -> int:
     return table.num_rows
 
 
-def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg: AnnotateConfig,
+def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, options: AnnotateOptions,
                    thresholds: np.ndarray | None = None) -> dict:
-    """Score one shard and publish its four tables atomically. Returns the shard's stats."""
+    """Score one shard and publish its four tables atomically. Returns the shard's stats. Reads
+    options.batch_size, top_m, device, decode_threads (None: 1) and score."""
     from dart_core import storage
 
     sid = shard_id(url)
@@ -213,11 +241,12 @@ def annotate_shard(model, vocab: Vocabulary, url: str, pred_dir: str | Path, cfg
     check_interrupt()  # a shard task that starts after Ctrl-C stops before starting its reader
     t0 = time.time()
     stage = _staging_dir(pred_dir, sid)
-    rows = _ShardRows(vocab, cfg.top_m, thresholds)
-    device = torch.device(cfg.device)
+    rows = _ShardRows(vocab, options.top_m, thresholds)
+    device = torch.device(options.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    zero_shot = cfg.score == "zero_shot"
-    for batch in shard_batches(url, vocab, model.backbone.preprocess, cfg.batch_size, cfg.num_workers):
+    zero_shot = options.score == "zero_shot"
+    threads = 1 if options.decode_threads is None else options.decode_threads
+    for batch in shard_batches(url, vocab, model.backbone.preprocess, options.batch_size, threads):
         check_interrupt()  # Ctrl-C: drop this shard's staged rows; a rerun redoes the shard whole
         good = rows.add_errors(batch)
         if not good:

@@ -13,64 +13,27 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dart_core import storage
+from dart_core.options.annotate import AnnotateOptions
 from flows.retry import retry_if_transient
 from flows.train import shard_sample_counts
 
-_models: dict = {}
-_models_lock = threading.Lock()
-
-
-def load_for_annotation(checkpoint: str, classes_csv: str, crg: str | None, device: str, mm_candidates: int):
-    """(model, vocab) for this process: loaded by the first shard task, reused by the next ones
-    (threads of this process, or the tasks a long-lived Dask worker runs, run after run). Keyed by
-    the files' contents, not only their paths: a checkpoint, vocabulary or CRG rewritten in place
-    is loaded anew. One model is kept: a worker that moves to another model frees the last one."""
-    from dart_core.backbone import file_sha256
-    from dart_core.checkpoint import check_vocabulary, load_model, read_checkpoint
-    from dart_core.crg.graph import CRG
-    from dart_core.infer import file_hash
-    from dart_core.vocab import Vocabulary
-
-    # file_sha256 is memoised per (path, size, mtime): the checkpoint is hashed once per version
-    ck = file_sha256(checkpoint) if Path(checkpoint).is_file() else None  # (missing: read_checkpoint says so)
-    key = (checkpoint, ck, classes_csv, file_hash(classes_csv), crg, file_hash(crg), device, mm_candidates)
-    with _models_lock:
-        if key not in _models:
-            # one model per device: threads placed on different GPUs each keep theirs
-            for old in [k for k in _models if k[6] == device]:
-                del _models[old]
-            vocab = Vocabulary.read_csv(classes_csv)
-            doc = read_checkpoint(checkpoint)
-            check_vocabulary(doc, vocab, checkpoint)
-            model, _ = load_model(checkpoint, device=device, doc=doc)
-            edges = CRG.read(crg).edge_index(vocab) if crg else None
-            model.set_classes(list(vocab.names), edges)
-            model.mm_candidates = mm_candidates
-            model.eval()
-            _models[key] = (model, vocab)
-        return _models[key]
-
-
 @task(name="annotate-shard", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
-def annotate_shard_task(checkpoint: str, classes_csv: str, crg: str | None, shard_url: str, pred_dir: str,
-                        cfg: dict, thresholds_csv: str | None, mm_candidates: int) -> dict:
-    from dart_core.infer import AnnotateConfig, annotate_shard, read_thresholds
-
+def annotate_shard_task(options: AnnotateOptions, crg: str | None, thresholds: str | None, shard_url: str) -> dict:
+    """`crg` and `thresholds`: the run's resolved files (the extended CRG copy, the default thresholds)."""
     from dart_core.devices import worker_device
+    from dart_core.infer import annotate_shard, load_annotator, read_thresholds
 
     # plain "cuda": this worker's own GPU (its Dask worker number, or round-robin over threads)
-    cfg = {**cfg, "device": worker_device(cfg.get("device", "cpu"))}
-    model, vocab = load_for_annotation(checkpoint, classes_csv, crg, cfg["device"], mm_candidates)
-    th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
-    return annotate_shard(model, vocab, shard_url, pred_dir, AnnotateConfig(**cfg), th)
+    options = options.model_copy(update={"device": worker_device(options.device)})
+    model, vocab = load_annotator(options, crg)
+    th = read_thresholds(thresholds, vocab) if thresholds else None
+    return annotate_shard(model, vocab, shard_url, options.out, options, th)
 
 
 def make_task_runner(kind: str, dask_address: str | None = None, workers: int | None = None, device: str = "cpu"):
@@ -114,16 +77,14 @@ def ray_gpus(task_runner: str, device: str):
 
 
 @flow(name="annotate-shards")
-def _annotate_shards(checkpoint, classes_csv, crg, shards, pred_dir, cfg, thresholds_csv, mm_candidates) -> list:
+def _annotate_shards(options: AnnotateOptions, crg: str | None, thresholds: str | None, shards: list[str]) -> list:
     from prefect import unmapped
 
     from prefect.futures import as_completed
 
     from dart_core.progress import progress_bar
 
-    futures = annotate_shard_task.map(unmapped(checkpoint), unmapped(classes_csv), unmapped(crg), shards,
-                                      unmapped(pred_dir), unmapped(cfg), unmapped(thresholds_csv),
-                                      unmapped(mm_candidates))
+    futures = annotate_shard_task.map(unmapped(options), unmapped(crg), unmapped(thresholds), shards)
     sizes = shard_sample_counts(shards)
     size_of = {id(f): n for f, n in zip(futures, sizes)}
     bar = progress_bar(total=sum(sizes), desc="annotate", unit="img", log=get_run_logger().info)
@@ -172,7 +133,8 @@ def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: 
     only asks about new classes), else by text similarity for the new classes only. Returns the CRG
     path to use (a copy under PRED)."""
     from dart_core.crg.extend import add_new_classes
-    from flows.crg import MineOptions, endpoint_configured, resolve_api_key, run_mining
+    from dart_core.options.crg import MineOptions
+    from flows.crg import endpoint_configured, resolve_api_key, run_mining
 
     def mine_llm(classes: str, out: str) -> None:
         run_mining(MineOptions(classes=classes, out=out, source="llm", backbone=backbone,
@@ -190,65 +152,65 @@ def extend_crg_task(crg: str, classes_csv: str, pred_dir: str, backbone: str, pr
     return add_new_classes_to_crg(crg, classes_csv, pred_dir, backbone, pretrained, get_run_logger().info, device)
 
 
+def default_thresholds(classes: str) -> str | None:
+    """thresholds.csv beside classes.csv, when there is one (`dart calibrate` writes it there)."""
+    beside = storage.join(str(classes).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes) else ".",
+                          "thresholds.csv")
+    return beside if storage.exists(beside) else None
+
+
+def decode_threads(options: AnnotateOptions, runner) -> int:
+    """Decoding threads per shard task: a GPU eats images faster than one thread decodes."""
+    if options.decode_threads is not None:
+        return options.decode_threads
+    parallel = options.workers or getattr(runner, "_max_workers", None) or 1
+    return 1 if options.device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // parallel))
+
+
 @flow(name="annotate")
-def annotate_flow(checkpoint: str, shards: str, classes_csv: str, out: str, crg: str | None = None,
-                  task_runner: str = "threads", dask_address: str | None = None, workers: int | None = None,
-                  batch_size: int = 64, top_m: int = 10, device: str = "cpu", mode: str = "new",
-                  thresholds_csv: str | None = None, mm_candidates: int = 0, num_workers: int | None = None,
-                  score: str = "dart") -> dict:
-    """Score every shard; returns {"shards": n, "images": n, "errors": n, "skipped": n}."""
+def annotate_flow(options: AnnotateOptions) -> dict:
+    """Score every shard; returns {"shards": n, "images": n, "errors": n, "skipped": n, "out": OUT}."""
     from dart_core import __version__
     from dart_core.backbone import patch_grid
     from dart_core.checkpoint import check_vocabulary, read_checkpoint
-    from dart_core.infer import file_hash, output_lock, prepare_output
+    from dart_core.devices import unused_gpu_note
+    from dart_core.infer import file_hash, output_lock, prepare_output, read_thresholds
     from dart_core.vocab import Vocabulary
 
-    logger = get_run_logger()
-    vocab = Vocabulary.read_csv(classes_csv)
-    doc = read_checkpoint(checkpoint)
-    check_vocabulary(doc, vocab, checkpoint)
-    shard_list = resolve_shards(shards)
-    with output_lock(out):  # released however the run ends: a failed run never blocks the next
-        if crg:
-            crg = extend_crg_task(crg, str(classes_csv), str(out), doc["backbone"]["name"],
-                                  doc["backbone"]["pretrained"], device)
-        beside = storage.join(str(classes_csv).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes_csv) else ".",
-                              "thresholds.csv")
-        if thresholds_csv is None and storage.exists(beside):
-            thresholds_csv = beside
-        from dart_core.infer import read_thresholds
-
-        th = read_thresholds(thresholds_csv, vocab) if thresholds_csv else None
-        what = "DART" if score == "dart" else "frozen VLP zero-shot"
+    o, logger = options, get_run_logger()
+    vocab = Vocabulary.read_csv(o.classes)
+    doc = read_checkpoint(o.checkpoint)
+    check_vocabulary(doc, vocab, o.checkpoint)
+    shard_list = resolve_shards(o.shards)
+    with output_lock(o.out):  # released however the run ends: a failed run never blocks the next
+        crg = None
+        if o.crg:
+            crg = extend_crg_task(o.crg, o.classes, o.out, doc["backbone"]["name"], doc["backbone"]["pretrained"],
+                                  o.device)
+        thresholds = o.thresholds or default_thresholds(o.classes)
+        th = read_thresholds(thresholds, vocab) if thresholds else None
+        what = "DART" if o.score == "dart" else "frozen VLP zero-shot"
         meta = {"model": f"{what} on {doc['backbone']['name']}/{doc['backbone']['pretrained']}",
-                "checkpoint": str(checkpoint), "checkpoint_hash": file_hash(checkpoint),
+                "checkpoint": o.checkpoint, "checkpoint_hash": file_hash(o.checkpoint),
                 "crg": crg, "crg_hash": file_hash(crg), "vocab_hash": vocab.hash(), "classes": len(vocab),
                 "unseen_classes": int(vocab.unseen_mask.sum()), "trained_classes": len(doc["vocab"]["ids"]),
-                "code_version": __version__, "shards_root": str(shards), "shards": shard_list,
-                "thresholds": thresholds_csv, "top_m": top_m, "mm_candidates": mm_candidates,
-                "grid": list(patch_grid(doc["backbone"]["name"])), "score": score,
+                "code_version": __version__, "shards_root": o.shards, "shards": shard_list,
+                "thresholds": thresholds, "top_m": o.top_m, "mm_candidates": o.mm_candidates,
+                "grid": list(patch_grid(doc["backbone"]["name"])), "score": o.score,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # shown in the audit report
-        prepare_output(out, meta, vocab, th, mode)
-        if score not in ("dart", "zero_shot"):
-            raise ValueError(f"score must be 'dart' or 'zero_shot', not {score!r}")
-        runner = make_task_runner(task_runner, dask_address, workers, device)
-        if num_workers is None:  # decoding threads per shard task: a GPU eats images faster than one thread decodes
-            parallel = workers or getattr(runner, "_max_workers", None) or 1
-            num_workers = 1 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // parallel))
-        cfg = {"batch_size": batch_size, "top_m": top_m, "device": device, "num_workers": num_workers, "score": score}
-        logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {task_runner} task runner")
-        from dart_core.devices import unused_gpu_note
-
-        note = unused_gpu_note(device)
+        prepare_output(o.out, meta, vocab, th, o.mode)
+        runner = make_task_runner(o.task_runner, o.dask_address, o.workers, o.device)
+        run_options = o.model_copy(update={"decode_threads": decode_threads(o, runner)})
+        logger.info(f"annotating {len(shard_list)} shards with {len(vocab)} classes on the {o.task_runner} task runner")
+        note = unused_gpu_note(o.device)
         if note:
             logger.warning(note)
-        with ray_gpus(task_runner, device):
-            stats = _annotate_shards.with_options(task_runner=runner)(
-                str(checkpoint), str(classes_csv), crg, shard_list, str(out), cfg, thresholds_csv, mm_candidates)
+        with ray_gpus(o.task_runner, o.device):
+            stats = _annotate_shards.with_options(task_runner=runner)(run_options, crg, thresholds, shard_list)
         summary = {"shards": len(stats), "images": sum(s["images"] for s in stats),
                    "errors": sum(s["errors"] for s in stats), "skipped": sum(1 for s in stats if s.get("skipped")),
-                   "out": str(out)}
-        storage.write_bytes(storage.join(out, "summary.json"),
+                   "out": o.out}
+        storage.write_bytes(storage.join(o.out, "summary.json"),
                             json.dumps({"summary": summary, "shards": stats}, indent=1).encode())
         logger.info(f"annotated {summary}")
         return summary

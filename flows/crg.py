@@ -1,7 +1,8 @@
-"""Prefect flow `mine_crg` and the code the `dart crg mine` CLI shares with it.
+"""Prefect flow `mine_crg`, which `dart crg mine` runs, and the code `dart crg tokens` and annotate
+share with it.
 
 The work is dart_core.crg; this module adds what dart_core must not know about: the API key (from
-OPENAI_API_KEY, or a Prefect Secret block whose *name* is the flow parameter), an S3-or-local
+OPENAI_API_KEY, or a Prefect Secret block whose *name* is the option `api_key_block`), an S3-or-local
 answer cache (dart_core.crg.cache.StorageCache), the CLIP text embedder, and Prefect caching of the whole task by
 INPUTS + TASK_SOURCE (the inputs include the vocabulary's content hash, not just its path).
 
@@ -20,31 +21,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from dart_core import storage
+from dart_core.options.crg import MineOptions
 from dart_core.settings import settings
-
-
-@dataclass
-class MineOptions:
-    classes: str
-    out: str
-    source: str = "llm"
-    base_url: str | None = None
-    model: str = "gpt-4o"
-    queries: int = 3
-    top_p: float = 0.3
-    neighbors: int = 8
-    shortlist: int = 200
-    cache: str | None = None
-    concurrency: int = 8
-    batch: bool = False
-    backbone: str = "ViT-B-16"
-    pretrained: str = "openai"
-    api_key_block: str | None = None  # name of a Prefect Secret block holding the key
-    poll_interval: float = 10.0
-    max_retries: int = 6
-    retry_base_delay: float = 1.0
-    request_timeout: float = 120.0
-    estimate: bool = True  # print the prompt-token estimate for both shortlist modes
 
 
 @dataclass
@@ -128,53 +106,51 @@ def endpoint_configured(base_url: str | None, api_key: str | None) -> bool:
     return bool(base_url or settings().openai_base_url or api_key)
 
 
-def run_mining(opt: MineOptions, log: Callable[[str], None] = print) -> MineResult:
-    """Everything `dart crg mine` and the `mine_crg` flow do. Raises VocabularyError / CRGError /
-    CRGMiningError with one-line messages for bad input."""
+def run_mining(options: MineOptions, log: Callable[[str], None] = print) -> MineResult:
+    """What the task of the `mine_crg` flow does; annotate (new classes) and the demo call it inside
+    their own tasks. Raises VocabularyError / CRGError / CRGMiningError with one-line messages for
+    bad input."""
     from dart_core.crg.client import LLMClient, RetryPolicy
     from dart_core.crg.mine import MiningConfig, build_crg, estimate_prompt_tokens
     from dart_core.crg.tokens import token_counter
 
-    vocab = read_vocab(opt.classes)
-    cfg = MiningConfig(model=opt.model, queries=opt.queries, top_p=opt.top_p, neighbors=opt.neighbors,
-                       shortlist=opt.shortlist, concurrency=opt.concurrency, batch=opt.batch,
-                       poll_interval=opt.poll_interval)
+    vocab = read_vocab(options.classes)
+    cfg = MiningConfig(model=options.model, queries=options.queries, top_p=options.top_p,
+                       neighbors=options.neighbors, shortlist=options.shortlist, concurrency=options.concurrency,
+                       batch=options.batch, poll_interval=options.poll_interval)
     cfg.validate()
-    source, note = opt.source, None
-    if source not in ("llm", "similarity", "random"):
-        from dart_core.crg.mine import CRGMiningError
-
-        raise CRGMiningError(f"unknown --source {source!r} (llm, similarity or random)")
-    api_key = resolve_api_key(opt.api_key_block) if source == "llm" else None
-    if source == "llm" and not endpoint_configured(opt.base_url, api_key):
+    source, note = options.source, None
+    api_key = resolve_api_key(options.api_key_block) if source == "llm" else None
+    if source == "llm" and not endpoint_configured(options.base_url, api_key):
         note = ("no LLM endpoint configured (set OPENAI_API_KEY, OPENAI_BASE_URL or --base-url): "
                 "using --source similarity (text-embedding cosine, the paper's 'Sim.' CRG)")
         log(note)
         source = "similarity"
-    embed_fn = make_embed_fn(opt.backbone, opt.pretrained) if (source == "similarity" or
-                                                                 (source == "llm" and opt.shortlist > 0)) else None
+    embed_fn = make_embed_fn(options.backbone, options.pretrained) if (
+        source == "similarity" or (source == "llm" and options.shortlist > 0)) else None
     estimates = []
-    if source == "llm" and opt.estimate:
-        counter = token_counter(opt.model)
-        for s in ([opt.shortlist, 0] if opt.shortlist > 0 else [0]):
+    if source == "llm" and options.estimate:
+        counter = token_counter(options.model)
+        for s in ([options.shortlist, 0] if options.shortlist > 0 else [0]):
             e = estimate_prompt_tokens(vocab, cfg, counter, embed_fn, shortlist=s, max_exact=512 if s else 32)
             estimates.append(e)
             log(format_estimate(e))
-    existing = read_existing(opt.out) if source == "llm" else None
+    existing = read_existing(options.out) if source == "llm" else None
     client = None
     if source == "llm":
-        client = LLMClient(opt.base_url, api_key, opt.model,
-                           RetryPolicy(max_retries=opt.max_retries, base_delay=opt.retry_base_delay,
-                                       timeout=opt.request_timeout))
-    cache = make_cache(opt.cache or default_cache_dir()) if source == "llm" else None
+        client = LLMClient(options.base_url, api_key, options.model,
+                           RetryPolicy(max_retries=options.max_retries, base_delay=options.retry_base_delay,
+                                       timeout=options.request_timeout))
+    cache = make_cache(options.cache or default_cache_dir()) if source == "llm" else None
     crg = build_crg(vocab, source, cfg, client=client, cache=cache, embed_fn=embed_fn, existing=existing, log=log)
     if note:
         crg.meta["source_note"] = note
     if source == "similarity":
-        crg.meta["embedder"] = f"{opt.backbone}/{opt.pretrained}" if opt.backbone != "hash" else "hash (lexical)"
-    write_crg(crg, opt.out)
+        crg.meta["embedder"] = (f"{options.backbone}/{options.pretrained}" if options.backbone != "hash"
+                                else "hash (lexical)")
+    write_crg(crg, options.out)
     report = crg.meta.get("report", {})
-    res = MineResult(opt.out, source, len(vocab), report, estimates, list(crg.meta.get("incomplete", [])), note)
+    res = MineResult(options.out, source, len(vocab), report, estimates, list(crg.meta.get("incomplete", [])), note)
     for line in summary_lines(res, crg):
         log(line)
     return res
@@ -229,18 +205,19 @@ def mine_crg_task(options: dict, classes_sha256: str) -> dict:
 
 
 @flow(name="mine_crg")
-def mine_crg(classes: str, out: str, source: str = "llm", base_url: str | None = None, model: str = "gpt-4o",
-             queries: int = 3, top_p: float = 0.3, neighbors: int = 8, shortlist: int = 200,
-             cache: str | None = None, concurrency: int = 8, batch: bool = False, backbone: str = "ViT-B-16",
-             pretrained: str = "openai", api_key_block: str | None = None, poll_interval: float = 10.0,
-             retry_base_delay: float = 1.0, request_timeout: float = 120.0) -> dict:
-    """Mine the CRG for `classes` (classes.csv) into `out` (crg.json), local or s3://."""
-    opts = MineOptions(classes=classes, out=out, source=source, base_url=base_url, model=model, queries=queries,
-                       top_p=top_p, neighbors=neighbors, shortlist=shortlist, cache=cache, concurrency=concurrency,
-                       batch=batch, backbone=backbone, pretrained=pretrained, api_key_block=api_key_block,
-                       poll_interval=poll_interval, retry_base_delay=retry_base_delay,
-                       request_timeout=request_timeout)
-    exists = storage.exists(out)
-    # a cached result whose crg.json was deleted would be a lie: recompute then (answers stay cached)
-    t = mine_crg_task.with_options(refresh_cache=not exists)
-    return t(asdict(opts), _file_sha(classes))
+def mine_crg(options: MineOptions) -> dict:
+    """Mine the CRG for `options.classes` (classes.csv) into `options.out` (crg.json), local or s3://.
+    Returns the run's MineResult as a dict; `incomplete` lists the classes to mine again."""
+    written = read_existing(options.out)
+    # a cached result must describe the crg.json that is there and what a run would make now, so
+    # recompute (answers stay cached) when that file was deleted or is unreadable, when it is not
+    # of the source asked for (an LLM run that fell back to similarity: an endpoint may be set now),
+    # or when it lists incomplete classes, which a rerun is to retry
+    stale = written is None or written.source != options.source or bool(written.meta.get("incomplete"))
+    state = mine_crg_task.with_options(refresh_cache=stale)(options.model_dump(), _file_sha(options.classes),
+                                                             return_state=True)
+    res = state.result()
+    if state.name == "Cached":  # nothing ran, so nothing was logged: say why
+        get_run_logger().info(f"{options.out} is up to date: an earlier run with the same options and vocabulary "
+                              f"wrote it ({res['classes']} classes, source {res['source']}; Prefect task cache)")
+    return res

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-# The paper's schedule for NUS-WIDE and COCO (App. A): 20 epochs of batch 256, lr 1e-4 with 2
-# linear warm-up epochs, cosine to 1e-5, λ 1 -> 0. Everything else is the library's default.
-DEMO_TRAIN = dict(epochs=20, batch_size=256, lr=1e-4, min_lr=1e-5, warmup_epochs=2.0)
+from dart_core.options.annotate import AnnotateOptions, AuditOptions, EvalOptions
+from dart_core.options.data import ShardOptions
+from dart_core.options.demo import DEMO_TRAIN, DemoOptions
+from dart_core.options.train import TrainOptions
 
 
 def _log():
@@ -146,11 +147,13 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     # model.pt appears after the first validation (the best epoch so far); a run is finished when
     # history.jsonl is written. A stopped run resumes from its last.pt.
     if not (ckpt.exists() and (run_dir / "history.jsonl").exists()):
-        train_flow(f"{shards}/train", classes, str(run_dir), cfg, train_cfg, crg, crg_source)
+        train_flow(TrainOptions(shards=f"{shards}/train", classes=classes, out=run_dir, crg=crg, crg_source=crg_source,
+                                backbone=MODEL_NAME, pretrained=vlp, model_overrides=model_cfg,
+                                train_overrides=train_cfg))
     pred = workdir / "predictions" / name
-    annotate_flow(str(ckpt), f"{shards}/test", classes, str(pred), crg if crg_source == "file" else None,
-                  top_m=64, batch_size=128, mode="overwrite")
-    res = evaluate_flow(str(pred), [3, 5])
+    annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=f"{shards}/test", classes=classes, out=pred,
+                                  crg=crg if crg_source == "file" else None, top_m=64, batch_size=128, mode="overwrite"))
+    res = evaluate_flow(EvalOptions(pred=pred))
     res["localization"] = localization(str(pred), str(workdir / "source" / "test" / "boxes.jsonl"), set(UNSEEN))
     return {"pred": str(pred), "checkpoint": str(ckpt), **res}
 
@@ -180,9 +183,9 @@ def _zero_shot_run(wd: Path, shards: str, classes: str, vlp: str) -> dict:
 
     zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
     zs_pred = wd / "predictions" / "zero_shot"
-    annotate_flow(zs_ckpt, f"{shards}/test", classes, str(zs_pred), top_m=64, batch_size=128, mode="overwrite",
-                  score="zero_shot")
-    res = evaluate_flow(str(zs_pred), [3, 5])
+    annotate_flow(AnnotateOptions(checkpoint=zs_ckpt, shards=f"{shards}/test", classes=classes, out=zs_pred, top_m=64,
+                                  batch_size=128, mode="overwrite", score="zero_shot"))
+    res = evaluate_flow(EvalOptions(pred=zs_pred))
     res["localization"] = localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
     return res
 
@@ -209,11 +212,11 @@ def _ablation_runs(wd: Path, shards: str, classes: str, crg: str, mined: str, wo
 
 
 @flow(name="demo")
-def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, seed: int = 0, vlp_steps: int = 300,
-              epochs: int = DEMO_TRAIN["epochs"], ablations: bool = False, vlp_cache: str | None = None,
-              train_seeds: list[int] | None = None, batch_size: int = DEMO_TRAIN["batch_size"],
-              label_noise: float = 0.0) -> dict:
-    from flows.crg import MineOptions, run_mining
+def demo_flow(options: DemoOptions) -> dict:
+    """generate -> shard -> VLP -> CRG -> train (per seed, + ablations) -> annotate -> eval -> audit
+    (+ the label-noise measurement); returns every figure, also written to WORKDIR/results.json."""
+    from dart_core.options.crg import MineOptions
+    from flows.crg import run_mining
     from flows.evaluate import audit_flow
     from flows.shard import shard
     from flows.vlp import pretrain_vlp
@@ -222,15 +225,15 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
 
     log = _log()
     t0 = time.time()
-    train_seeds = list(train_seeds or [0])
-    wd = Path(workdir).resolve()
+    o, seed, train_seeds = options, options.seed, options.train_seeds
+    wd = Path(o.workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
-    src = make_sources(wd, n_train, n_test, seed)
+    src = make_sources(wd, o.n_train, o.n_test, seed)
     shards = str(wd / "shards")
     for split in ("train", "test"):
-        shard(src[split], "folder", shards, split=split, shard_size=1000)
+        shard(ShardOptions(source=src[split], format="folder", out=shards, split=split, shard_size=1000))
     classes = f"{shards}/classes.csv"
-    vlp = pretrain_vlp(vlp_cache or str(wd / "vlp-cache"), steps=vlp_steps, seed=seed)
+    vlp = pretrain_vlp(o.vlp_cache or str(wd / "vlp-cache"), steps=o.vlp_steps, seed=seed)
     source = crg_source_available()
     mined = str(wd / "crg.json")
     run_mining(MineOptions(classes=classes, out=mined, source=source, backbone=MODEL_NAME, pretrained=vlp,
@@ -241,7 +244,7 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
     world_crg().write(world)
     crg = mined if source == "llm" else str(world)
     log(f"CRG: {'mined from the LLM endpoint' if source == 'llm' else 'the world relations (no OpenAI-compatible endpoint configured: OPENAI_BASE_URL / OPENAI_API_KEY), the stand-in for the LLM CRG'}")
-    train_cfg = dict(DEMO_TRAIN, epochs=epochs, batch_size=batch_size)
+    train_cfg = dict(DEMO_TRAIN, epochs=o.epochs, batch_size=o.batch_size)
     results = {"crg_source": "llm" if source == "llm" else "world", "vlp": vlp, "train_seeds": train_seeds}
     results["zero_shot"] = _zero_shot_run(wd, shards, classes, vlp)
     runs = [run_variant("dart" if s == train_seeds[0] else f"dart_seed{s}", wd, shards, classes, crg, vlp, {},
@@ -249,13 +252,13 @@ def demo_flow(workdir: str = "demo", n_train: int = 3000, n_test: int = 600, see
     results["dart"] = runs[0]
     if len(runs) > 1:
         results["dart_seeds"] = seed_statistics(runs)
-    if ablations:
+    if o.ablations:
         results.update(_ablation_runs(wd, shards, classes, crg, mined, str(world), vlp, source,
                                       dict(train_cfg, seed=train_seeds[0])))
-    results["report"] = audit_flow(results["dart"]["pred"], str(wd / "report"))
-    if label_noise:
-        results["label_noise"] = label_noise_audit(wd, shards, classes, results["dart"]["checkpoint"], crg, label_noise,
-                                                   seed)
+    results["report"] = audit_flow(AuditOptions(pred=results["dart"]["pred"], out=wd / "report"))
+    if o.label_noise:
+        results["label_noise"] = label_noise_audit(wd, shards, classes, results["dart"]["checkpoint"], crg,
+                                                   o.label_noise, seed)
     results["seconds"] = round(time.time() - t0, 1)
     (wd / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
@@ -272,7 +275,8 @@ def label_noise_audit(workdir: Path, shards: str, classes: str, checkpoint: str,
     from flows.annotate import annotate_flow
 
     def annotate(noisy: str, pred: str) -> None:
-        annotate_flow(checkpoint, noisy, classes, pred, crg, top_m=64, batch_size=128, mode="overwrite")
+        annotate_flow(AnnotateOptions(checkpoint=checkpoint, shards=noisy, classes=classes, out=pred, crg=crg, top_m=64,
+                                      batch_size=128, mode="overwrite"))
 
     res = measure_label_noise(f"{shards}/test", Path(workdir) / "label_noise", annotate, seed=seed, pos_rate=share,
                               neg_rate=share)

@@ -5,18 +5,19 @@ import json
 
 from prefect import flow, get_run_logger, task
 
+from dart_core.options.annotate import AuditOptions, EvalOptions
+
 
 @flow(name="evaluate")
-def evaluate_flow(pred: str, ks: list[int] | None = None, json_out: str | None = None, legacy: bool = False,
-                  corrections: str | None = None, details: bool = False) -> dict:
+def evaluate_flow(options: EvalOptions, details: bool = False) -> dict:
     """The ZSL / GZSL / seen table of PRED (dart_core.evaluate); with `json_out`, written as JSON (+ CSV).
     Returns the table, or with details=True {"result": the table, "warnings": the doubts about it}
     (what `dart eval` prints)."""
     from dart_core import corrections as corr
     from dart_core.evaluate import doubts, evaluate, format_table, write_eval
 
-    ks = ks or [3, 5]
-    fix = corr.read(corrections) if corrections else None
+    pred, ks, legacy, json_out = options.pred, options.ks, options.legacy, options.json_out
+    fix = corr.read(options.corrections) if options.corrections else None
     res = evaluate(pred, ks, legacy, corrections=fix)
     logger = get_run_logger()
     logger.info("\n" + format_table(res, ks))
@@ -51,9 +52,7 @@ def audit_samples(result: dict, run: dict, thumbnails: int) -> dict:
 
 
 @flow(name="audit")
-def audit_flow(pred: str, out: str | None, method: str = "sql", limit: int = 2000,
-               per_class_cap: int | None = None, min_suspicion: float = 0.5, export: str | None = None,
-               corrections: str | None = None, thumbnails: int = 2000, details: bool = False):
+def audit_flow(options: AuditOptions, details: bool = False):
     """Score every label (per-class calibrated), keep the review list, write the static report at
     `out` (when given) and the review CSV at `export` (when given). Returns the report's path (the
     review file's without `out`), or with details=True {"report", "export", "pairs", "meta"}."""
@@ -63,9 +62,10 @@ def audit_flow(pred: str, out: str | None, method: str = "sql", limit: int = 200
     from dart_core import storage
 
     logger = get_run_logger()
-    run = json.loads(storage.read_bytes(storage.join(pred, "run.json")))  # local or s3://
-    result = audit_score(pred, method, limit, per_class_cap, min_suspicion, corrections)
-    images = audit_samples(result, run, thumbnails if out else 0)
+    o, out, export = options, options.out, options.export
+    run = json.loads(storage.read_bytes(storage.join(o.pred, "run.json")))  # local or s3://
+    result = audit_score(o.pred, o.method, o.limit, o.per_class_cap or None, o.min_suspicion, o.corrections)
+    images = audit_samples(result, run, o.thumbnails if out else 0)
     meta = result["meta"]
     logger.info(f"audit ({meta['method']}): {meta['listed']} of {meta['candidates']} suspicious labels listed, "
                 f"at most {meta['per_class_cap']} per class")

@@ -26,174 +26,29 @@ there, not overwritten). The run's paths and figures are the flow's result, `OUT
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dart_core import storage
-
-CRG_SOURCES = ("auto", "llm", "similarity")
-TEST_SPLIT = {"coco": "val2014"}  # the others: "test"
-
-
-class PipelineError(ValueError):
-    """A pipeline option that cannot work; the message names the option."""
-
-
-@dataclass
-class PipelineOptions:
-    source: str  # dataset root (local or s3://) in `format`; its training split is sharded
-    format: str  # openimages | nuswide | coco | folder
-    out: str  # local work folder: shards/, crg.json, runs/, predictions/, eval.json, report/, stages/
-    test_source: str | None = None  # where the test split is (default: source; required for folder)
-    train_split: str | None = None  # default: the format's training split
-    test_split: str | None = None  # default: test (coco: val2014)
-    shards: str | None = None  # default OUT/shards; may be s3://
-    predictions: str | None = None  # default OUT/predictions; may be s3://
-    shard_size: int = 5000
-    shard_workers: int | None = None
-    image_size: int = 256
-    absent: str | None = None  # folder only: negative | unknown
-    crg_source: str = "auto"  # auto: llm when an endpoint is configured, else similarity
-    crg_model: str = "gpt-4o"
-    base_url: str | None = None
-    api_key_block: str | None = None  # name of a Prefect Secret block holding the LLM key
-    neighbors: int = 8
-    backbone: str = "ViT-B-16"
-    pretrained: str = "openai"
-    model_cfg: dict = field(default_factory=dict)  # further DARTConfig fields (top_k_share, arm_layers, ...)
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-4
-    val_share: float = 0.05
-    nproc: int = 1
-    device: str = "cpu"
-    train_workers: int | None = None
-    annotate_batch_size: int = 64
-    top_m: int = 10
-    task_runner: str = "threads"
-    annotate_workers: int | None = None
-    ks: list[int] = field(default_factory=lambda: [3, 5])
-    audit: bool = True
-    audit_limit: int = 2000
-    checkpoint_every: int = 0  # also write last.pt every N steps (not part of the training fingerprint)
-
-    def resolved(self) -> "PipelineOptions":
-        """Defaults filled in; raises PipelineError naming the option for what cannot work."""
-        from dart_core.data.sources import FORMATS
-
-        o = PipelineOptions(**asdict(self))
-        if o.format not in FORMATS:
-            raise PipelineError(f"--format {o.format!r}: must be one of {', '.join(FORMATS)}")
-        if storage.is_s3(o.out):
-            raise PipelineError(f"--out {o.out}: the work folder must be local (training writes there); "
-                                "--shards and --predictions may be s3://")
-        if o.format == "folder" and not o.test_source:
-            raise PipelineError("--format folder: --test-source is required (the folder with the labelled test images "
-                                "and the same classes.csv; a folder source holds one split)")
-        if o.crg_source not in CRG_SOURCES:
-            raise PipelineError(f"--crg-source {o.crg_source!r}: must be one of {', '.join(CRG_SOURCES)}")
-        if o.pretrained.lower() == "none":
-            from dart_core.train import RANDOM_BACKBONE_REFUSED
-
-            raise PipelineError(RANDOM_BACKBONE_REFUSED)
-        for name in ("epochs", "batch_size", "nproc", "shard_size", "annotate_batch_size", "top_m", "neighbors",
-                     "image_size"):
-            if getattr(o, name) < 1:
-                raise PipelineError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be at least 1")
-        if not 0 <= o.val_share < 1:
-            raise PipelineError(f"--val-share {o.val_share}: must be in [0, 1)")
-        if o.checkpoint_every < 0:
-            raise PipelineError(f"--checkpoint-every {o.checkpoint_every}: must be 0 or more")
-        if not o.ks or min(o.ks) < 1:
-            raise PipelineError(f"--k {o.ks}: each K must be at least 1")
-        from dart_core.backbone import is_weights_file
-
-        if is_weights_file(o.backbone, o.pretrained):
-            if not os.path.isfile(o.pretrained):
-                raise PipelineError(f"--pretrained {o.pretrained}: no such weights file")
-            o.pretrained = str(Path(o.pretrained).resolve())
-        o.out = str(Path(o.out).resolve())
-        o.source = o.source if storage.is_s3(o.source) else str(Path(o.source).resolve())
-        o.test_source = o.test_source or o.source
-        o.test_source = o.test_source if storage.is_s3(o.test_source) else str(Path(o.test_source).resolve())
-        o.train_split = o.train_split or {"coco": "train2014"}.get(o.format, "train")
-        o.test_split = o.test_split or TEST_SPLIT.get(o.format, "test")
-        if o.train_split == o.test_split and o.test_source == o.source:
-            raise PipelineError(f"--train-split and --test-split are both {o.train_split!r} of one source")
-        o.shards = o.shards or str(Path(o.out) / "shards")
-        o.predictions = o.predictions or str(Path(o.out) / "predictions")
-        return o
-
-
-# ---- fingerprints and stage records ---------------------------------------------------------------
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def bytes_sha(url: str | None) -> str | None:
-    return hashlib.sha256(storage.read_bytes(url)).hexdigest() if url else None
-
-
-def shard_set(split_dir: str) -> dict:
-    """The complete shards of a split: how many, and a hash of their names and stats files' etags
-    (a new shard, or a shard rewritten, changes it)."""
-    from dart_core.data.shard_format import complete_tars
-
-    objs = {o.key: o.etag for o in storage.list_objects(split_dir) if "/" not in o.key}
-    tars = complete_tars(list(objs))
-    stats = [t[:-len(".tar")] + "_stats.json" for t in tars]
-    return {"shards": len(tars), "sha256": digest([(t, objs.get(t), objs.get(s)) for t, s in zip(tars, stats)])}
-
-
-def weights_id(backbone: str, pretrained: str) -> str:
-    from dart_core.backbone import file_sha256, is_weights_file
-
-    if is_weights_file(backbone, pretrained):
-        return "sha256:" + file_sha256(pretrained)
-    return f"open_clip:{backbone}/{pretrained}"
-
-
-class Stages:
-    """OUT/stages/<stage>.json: the fingerprint of the inputs a stage last finished with."""
-
-    def __init__(self, out: str):
-        self.dir = Path(out) / "stages"
-
-    def done(self, stage: str, fingerprint: str) -> dict | None:
-        p = self.dir / f"{stage}.json"
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-        return rec if rec.get("fingerprint") == fingerprint else None
-
-    def record(self, stage: str, fingerprint: str, outputs: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{stage}.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                   "outputs": outputs}, indent=1, default=str))
-        tmp.replace(self.dir / f"{stage}.json")
-
+from dart_core.options.pipeline import PipelineOptions
+from dart_core.stages import Stages, bytes_sha, digest, shard_set, weights_id
 
 # ---- tasks ----------------------------------------------------------------------------------------
 
 @task(name="check-options", cache_policy=NO_CACHE)
-def check_options(options: dict) -> dict:
+def check_options(options: PipelineOptions) -> PipelineOptions:
     """The options with defaults filled in; the backbone weights can be had (else one error line)."""
     from dart_core.backbone import check_downloadable, is_weights_file
 
-    o = PipelineOptions(**options).resolved()
+    o = options.resolved()
     if not is_weights_file(o.backbone, o.pretrained):
         check_downloadable(o.backbone, o.pretrained)
-    return asdict(o)
+    return o
 
 
 @task(name="fingerprint-shards", cache_policy=NO_CACHE)
@@ -276,12 +131,14 @@ def crg_source_for(choice: str, base_url: str | None, api_key_block: str | None)
 def _shard_stage(o: PipelineOptions, status: dict) -> dict:
     """1. shard: incremental (what is sharded already is skipped; a rerun resumes). Returns the
     shard paths and fingerprints the later stages use."""
+    from dart_core.options.data import ShardOptions
     from flows.shard import shard
 
     reports = {}
     for split, src in ((o.train_split, o.source), (o.test_split, o.test_source)):
-        r = shard(src, o.format, o.shards, split=split, shard_size=o.shard_size, mode="incremental",
-                  workers=o.shard_workers, image_size=o.image_size, absent=o.absent)
+        r = shard(ShardOptions(source=src, format=o.format, out=o.shards, split=split, shard_size=o.shard_size,
+                               mode="incremental", workers=o.shard_workers, image_size=o.image_size,
+                               absent=o.absent))
         reports[split] = r
     classes = storage.join(o.shards, "classes.csv")
     train_dir, test_dir = storage.join(o.shards, o.train_split), storage.join(o.shards, o.test_split)
@@ -297,6 +154,7 @@ def _shard_stage(o: PipelineOptions, status: dict) -> dict:
 
 def _crg_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, logger) -> tuple[str, str]:
     """2. CRG (cached by the vocabulary's content); returns (crg.json's path, the CRG source)."""
+    from dart_core.options.crg import MineOptions
     from flows.crg import mine_crg
 
     source_kind, why = crg_source_for(o.crg_source, o.base_url, o.api_key_block)
@@ -308,9 +166,9 @@ def _crg_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, logge
     if stages.done("crg", crg_fp) and os.path.exists(crg):
         status["crg"] = {"status": f"skipped (classes.csv unchanged; {source_kind})", "output": crg}
     else:
-        mine_crg(sh["classes"], crg, source=source_kind, base_url=o.base_url, model=o.crg_model,
-                 neighbors=o.neighbors, backbone=o.backbone, pretrained=o.pretrained,
-                 api_key_block=o.api_key_block)
+        mine_crg(MineOptions(classes=sh["classes"], out=crg, source=source_kind, base_url=o.base_url,
+                             model=o.crg_model, neighbors=o.neighbors, backbone=o.backbone, pretrained=o.pretrained,
+                             api_key_block=o.api_key_block))
         stages.record("crg", crg_fp, {"crg": crg})
         status["crg"] = {"status": f"ran ({source_kind})", "output": crg}
     return crg, source_kind
@@ -320,9 +178,10 @@ def _train_stage(o: PipelineOptions, status: dict, sh: dict, crg: str, crg_sha: 
     """3. train: one run folder per training fingerprint; a stopped run resumes from its last.pt.
     Returns the checkpoint's path."""
     from flows.demo import training_code_hash
+    from dart_core.options.train import TrainOptions
     from flows.train import train_flow
 
-    model_cfg = {"backbone": o.backbone, "pretrained": o.pretrained, **o.model_cfg}
+    model_cfg = o.model_settings()
     train_cfg = {"epochs": o.epochs, "batch_size": o.batch_size, "lr": o.lr, "val_share": o.val_share}
     train_fp = digest({"shards": sh["train_set"], "classes": sh["files"]["classes"], "crg": crg_sha,
                        "model": model_cfg, "train": train_cfg, "nproc": o.nproc,
@@ -339,9 +198,11 @@ def _train_stage(o: PipelineOptions, status: dict, sh: dict, crg: str, crg_sha: 
         where = f"{o.nproc} processes under torchrun" if o.nproc > 1 else "this process"
         logger.info(f"training DART in {run_dir} on {where} ({o.device})")
         # checkpoint_every decides when last.pt is written, not what is learnt: outside the fingerprint
-        train_flow(sh["train_dir"], sh["classes"], str(run_dir), model_cfg,
-                   {**train_cfg, "checkpoint_every": o.checkpoint_every}, crg, "file", o.device,
-                   o.train_workers, nproc=o.nproc)
+        train_flow(TrainOptions(
+            shards=sh["train_dir"], classes=sh["classes"], out=run_dir, crg=crg, crg_source="file",
+            backbone=o.backbone, pretrained=o.pretrained, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+            val_share=o.val_share, checkpoint_every=o.checkpoint_every, device=o.device, workers=o.train_workers,
+            nproc=o.nproc, model_overrides=model_cfg))
         status["train"] = {"status": f"ran ({where})", "output": str(ckpt)}
     return ckpt
 
@@ -349,6 +210,7 @@ def _train_stage(o: PipelineOptions, status: dict, sh: dict, crg: str, crg_sha: 
 def _annotate_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, ckpt: Path, crg: str,
                     crg_sha: str | None) -> tuple[dict, str]:
     """4. annotate the test split; returns (annotate's summary, the annotate fingerprint)."""
+    from dart_core.options.annotate import AnnotateOptions
     from flows.annotate import annotate_flow
 
     ann_fp = digest({"checkpoint": bytes_sha(str(ckpt)), "crg": crg_sha, "classes": sh["files"]["classes"],
@@ -360,9 +222,10 @@ def _annotate_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, 
         status["annotate"] = {"status": "skipped (model and test shards unchanged)", "output": o.predictions}
     else:
         mode = annotate_mode(o.predictions, str(ckpt), crg, sh["classes"])
-        ann = annotate_flow(str(ckpt), sh["test_dir"], sh["classes"], o.predictions, crg, task_runner=o.task_runner,
-                            workers=o.annotate_workers, batch_size=o.annotate_batch_size, top_m=o.top_m,
-                            device=o.device, mode=mode)
+        ann = annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=sh["test_dir"], classes=sh["classes"],
+                                            out=o.predictions, crg=crg, task_runner=o.task_runner,
+                                            workers=o.annotate_workers, batch_size=o.annotate_batch_size,
+                                            top_m=o.top_m, device=o.device, mode=mode))
         stages.record("annotate", ann_fp, {"summary": ann})
         status["annotate"] = {"status": f"ran (mode {mode}: {ann['images']} images, {ann['skipped']} shards "
                                         "already done)", "output": o.predictions}
@@ -371,6 +234,7 @@ def _annotate_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, 
 
 def _evaluate_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: str) -> tuple[dict, str]:
     """5. evaluate; returns (the evaluation, eval.json's path)."""
+    from dart_core.options.annotate import EvalOptions
     from flows.evaluate import evaluate_flow
 
     eval_json = str(Path(o.out) / "eval.json")
@@ -379,7 +243,7 @@ def _evaluate_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: st
         res = json.loads(Path(eval_json).read_text())
         status["evaluate"] = {"status": "skipped (predictions unchanged)", "output": eval_json}
     else:
-        res = evaluate_flow(o.predictions, o.ks, json_out=eval_json)
+        res = evaluate_flow(EvalOptions(pred=o.predictions, ks=o.ks, json_out=eval_json))
         stages.record("evaluate", ev_fp, {"eval": eval_json})
         status["evaluate"] = {"status": "ran", "output": eval_json}
     return res, eval_json
@@ -387,6 +251,7 @@ def _evaluate_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: st
 
 def _audit_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: str) -> str | None:
     """6. audit (when o.audit); returns the report's path, or None."""
+    from dart_core.options.annotate import AuditOptions
     from flows.evaluate import audit_flow
 
     if not o.audit:
@@ -398,34 +263,19 @@ def _audit_stage(o: PipelineOptions, stages: Stages, status: dict, ann_fp: str) 
         report = rec["outputs"]["report"]
         status["audit"] = {"status": "skipped (predictions unchanged)", "output": report}
     else:
-        report = audit_flow(o.predictions, report_dir, limit=o.audit_limit)
+        report = audit_flow(AuditOptions(pred=o.predictions, out=report_dir, limit=o.audit_limit))
         stages.record("audit", au_fp, {"report": report})
         status["audit"] = {"status": "ran", "output": report}
     return report
 
 
 @flow(name="pipeline")
-def pipeline_flow(source: str, format: str, out: str, test_source: str | None = None,
-                  train_split: str | None = None, test_split: str | None = None, shards: str | None = None,
-                  predictions: str | None = None, shard_size: int = 5000, shard_workers: int | None = None,
-                  image_size: int = 256, absent: str | None = None, crg_source: str = "auto",
-                  crg_model: str = "gpt-4o", base_url: str | None = None, api_key_block: str | None = None,
-                  neighbors: int = 8, backbone: str = "ViT-B-16", pretrained: str = "openai",
-                  model_cfg: dict | None = None, epochs: int = 20, batch_size: int = 256, lr: float = 1e-4,
-                  val_share: float = 0.05, nproc: int = 1, device: str = "cpu", train_workers: int | None = None,
-                  annotate_batch_size: int = 64, top_m: int = 10, task_runner: str = "threads",
-                  annotate_workers: int | None = None, ks: list[int] | None = None, audit: bool = True,
-                  audit_limit: int = 2000, checkpoint_every: int = 0) -> dict:
+def pipeline_flow(options: PipelineOptions) -> dict:
     """shard -> CRG -> train -> annotate -> evaluate -> audit over SOURCE (see the module doc);
     returns the summary (paths, stage statuses, the evaluation)."""
     logger = get_run_logger()
     t0 = time.time()
-    opts = PipelineOptions(source, format, out, test_source, train_split, test_split, shards, predictions,
-                           shard_size, shard_workers, image_size, absent, crg_source, crg_model, base_url,
-                           api_key_block, neighbors, backbone, pretrained, dict(model_cfg or {}), epochs, batch_size,
-                           lr, val_share, nproc, device, train_workers, annotate_batch_size, top_m, task_runner,
-                           annotate_workers, list(ks or [3, 5]), audit, audit_limit, checkpoint_every)
-    o = PipelineOptions(**check_options(asdict(opts)))
+    o = check_options(options)
     if o.nproc > 1:
         from flows.train import check_ranks
 

@@ -36,6 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from dart_core.options.train import TrainOptions
 from dart_core.settings import settings
 
 # A private protocol between the launcher (flow process) and its children (torchrun, the ranks): set
@@ -254,7 +255,8 @@ def _is_peer_loss(e: BaseException) -> bool:
 
 
 def run_rank(spec_file: str) -> int:
-    """One rank: DART on shards (dart_core.train.train_on_shards, DDP inside)."""
+    """One rank: DART on shards (dart_core.train.train_on_shards, DDP inside). The spec file holds
+    {"options": TrainOptions as JSON, "n_samples": the training samples, counted once by the flow}."""
     _set_parent_death_signal(signal.SIGKILL)  # torchrun gone (even by kill -9): this rank goes too
     s = settings()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
     rank, world, local_rank = s.rank, s.world_size, s.local_rank or 0
@@ -263,7 +265,8 @@ def run_rank(spec_file: str) -> int:
         (errors / f"rank-{rank}.pid").write_text(str(os.getpid()))
     try:
         spec = json.loads(Path(spec_file).read_text())
-        device = spec["device"]
+        options = TrainOptions.model_validate(spec["options"])
+        device = options.device
         if device == "cuda":
             device = f"cuda:{local_rank}"
         print(f"rank {rank}/{world}: pid {os.getpid()}, device {device}", flush=True)
@@ -275,15 +278,13 @@ def run_rank(spec_file: str) -> int:
 
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        from dart_core.model import DARTConfig
-        from dart_core.train import TrainConfig, train_on_shards
+        from dart_core.train import train_on_shards
         from dart_core.vocab import Vocabulary
 
-        train_on_shards(spec["shards"], Vocabulary.read_csv(spec["classes_csv"]), spec["out_dir"],
-                        DARTConfig(**spec["model_cfg"]), TrainConfig(**spec["train_cfg"]), spec["n_samples"],
-                        crg_path=spec["crg"], crg_source=spec["crg_source"], device=device,
-                        num_workers=spec["num_workers"], log=lambda m: print(m, flush=True),
-                        val_shards=spec["val_shards"])
+        train_on_shards(options.shards, Vocabulary.read_csv(options.classes), options.out, options.dart_config(),
+                        options.train_config(), spec["n_samples"], crg_path=options.crg,
+                        crg_source=options.graph_source(), device=device, num_workers=options.workers,
+                        log=lambda m: print(m, flush=True), val_shards=options.val_shards)
         return 0
     except BaseException as e:  # noqa: BLE001 — reported to the launcher, then this rank exits 1
         from flows.cli._guard import describe

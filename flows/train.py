@@ -1,10 +1,11 @@
-"""Prefect flow `train`: DART on shards. The task receives paths and returns the checkpoint path."""
+"""Prefect flow `train`: DART on shards. The task receives the run's options and returns the checkpoint path."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from dart_core.options.train import TrainOptions
 from dart_core.settings import settings
 
 
@@ -23,23 +24,21 @@ def count_samples(shards_root: str) -> int:
 
 
 @task(name="train-dart")
-def train_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
-               crg: str | None, crg_source: str, device: str, num_workers: int | None, val_shards: str | None = None) -> str:
+def train_task(options: TrainOptions) -> str:
     from dart_core.data.reader import require_shards
     from dart_core.vocab import Vocabulary
 
     logger = get_run_logger()
-    vocab = Vocabulary.read_csv(classes_csv)
-    n = count_samples(shards)
-    if val_shards:
-        require_shards(val_shards, "--val-shards")
+    vocab = Vocabulary.read_csv(options.classes)
+    n = count_samples(options.shards)
+    if options.val_shards:
+        require_shards(options.val_shards, "--val-shards")
     # seconds of torch / torch_geometric imports: after the input checks, so a mistake shows at once
-    from dart_core.model import DARTConfig
-    from dart_core.train import TrainConfig, train_on_shards
+    from dart_core.train import train_on_shards
 
-    ckpt = train_on_shards(shards, vocab, out_dir, DARTConfig(**model_cfg), TrainConfig(**train_cfg), n,
-                           crg_path=crg, crg_source=crg_source, device=device, num_workers=num_workers,
-                           log=logger.info, val_shards=val_shards)
+    ckpt = train_on_shards(options.shards, vocab, options.out, options.dart_config(), options.train_config(), n,
+                           crg_path=options.crg, crg_source=options.graph_source(), device=options.device,
+                           num_workers=options.workers, log=logger.info, val_shards=options.val_shards)
     return str(ckpt)
 
 
@@ -63,36 +62,34 @@ def check_ranks(nproc: int, device: str) -> None:
 
 
 @task(name="train-dart-ranks")
-def train_ranks_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dict, train_cfg: dict,
-                     crg: str | None, crg_source: str, device: str, num_workers: int | None, val_shards: str | None,
-                     nproc: int) -> str:
-    """`nproc` ranks under torchrun (flows.ranks): their lines stream into this task's log, a rank's
-    failure fails the task with that rank's error, a stop (Ctrl-C, cancel) stops every rank."""
+def train_ranks_task(options: TrainOptions) -> str:
+    """`options.nproc` ranks under torchrun (flows.ranks): their lines stream into this task's log, a
+    rank's failure fails the task with that rank's error, a stop (Ctrl-C, cancel) stops every rank."""
     from dart_core.data.reader import require_shards
     from dart_core.vocab import Vocabulary
     from flows.ranks import RanksFailedError, launch
 
     logger = get_run_logger()
+    nproc, device = options.nproc, options.device
     check_ranks(nproc, device)
-    Vocabulary.read_csv(classes_csv)
-    n = count_samples(shards)
-    if val_shards:
-        require_shards(val_shards, "--val-shards")
-    batch = int(train_cfg.get("batch_size", 256))
+    Vocabulary.read_csv(options.classes)
+    n = count_samples(options.shards)
+    if options.val_shards:
+        require_shards(options.val_shards, "--val-shards")
+    train_settings = options.train_settings()
+    batch = train_settings["batch_size"]
     if n < batch * nproc:
-        raise ValueError(f"{shards}: {n} samples are fewer than one global batch of {batch * nproc} "
+        raise ValueError(f"{options.shards}: {n} samples are fewer than one global batch of {batch * nproc} "
                          f"(--batch-size {batch} per process × --nproc {nproc}); lower --batch-size")
-    if train_cfg.get("corrections"):
+    if train_settings["corrections"]:
         from dart_core.corrections import read as read_corrections
 
-        read_corrections(train_cfg["corrections"])  # a bad file: one error now, not one per rank
-    out = Path(out_dir).resolve()
+        read_corrections(train_settings["corrections"])  # a bad file: one error now, not one per rank
+    out = Path(options.out).resolve()
     resume = out / "last.pt"
     logger.info(f"training on {nproc} processes under torchrun ({'NCCL, one GPU each' if device == 'cuda' else 'gloo'}); "
                 + (f"resuming from {resume}" if resume.exists() else f"writing {out}"))
-    spec = {"shards": shards, "classes_csv": classes_csv, "out_dir": str(out), "model_cfg": model_cfg,
-            "train_cfg": train_cfg, "n_samples": n, "crg": crg, "crg_source": crg_source, "device": device,
-            "num_workers": num_workers, "val_shards": val_shards}
+    spec = {"options": options.model_copy(update={"out": str(out)}).model_dump(), "n_samples": n}
     try:
         launch(spec, nproc, logger.info)
     except RanksFailedError as e:
@@ -103,13 +100,9 @@ def train_ranks_task(shards: str, classes_csv: str, out_dir: str, model_cfg: dic
 
 
 @flow(name="train")
-def train_flow(shards: str, classes_csv: str, out_dir: str, model_cfg: dict | None = None,
-               train_cfg: dict | None = None, crg: str | None = None, crg_source: str = "file",
-               device: str = "cpu", num_workers: int | None = None, val_shards: str | None = None, nproc: int = 1) -> str:
-    """DART on shards, in this process (nproc=1) or on `nproc` ranks under torchrun, launched and
-    watched here (one per GPU with device="cuda"; gloo processes on CPU). Reruns resume from last.pt."""
-    if nproc > 1:
-        return train_ranks_task(shards, classes_csv, out_dir, model_cfg or {}, train_cfg or {}, crg, crg_source,
-                                device, num_workers, val_shards, nproc)
-    return train_task(shards, classes_csv, out_dir, model_cfg or {}, train_cfg or {}, crg, crg_source,
-                      device, num_workers, val_shards)
+def train_flow(options: TrainOptions) -> str:
+    """DART on shards, in this process (nproc 1) or on `nproc` ranks under torchrun, launched and
+    watched here (one per GPU with device "cuda"; gloo processes on CPU). Reruns resume from last.pt."""
+    if options.nproc > 1:
+        return train_ranks_task(options)
+    return train_task(options)

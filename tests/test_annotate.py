@@ -24,12 +24,13 @@ def table(pred, name):
 
 
 def annotate(world, out, **kw):
+    from dart_core.options.annotate import AnnotateOptions
     from flows.annotate import annotate_flow
 
-    args = dict(checkpoint=world["checkpoint"], shards=world["shards"], classes_csv=world["classes"], out=str(out),
+    args = dict(checkpoint=world["checkpoint"], shards=world["shards"], classes=world["classes"], out=str(out),
                 crg=world["crg"], batch_size=4)
     args.update(kw)
-    return annotate_flow(**args)
+    return annotate_flow(AnnotateOptions(**args))
 
 
 def test_annotate_writes_every_table_exactly_once(world, tmp_path, prefect_harness):
@@ -119,7 +120,7 @@ def test_bad_inputs_are_named(world, tmp_path, prefect_harness):
     small = tmp_path / "small.csv"
     Vocabulary.from_names(["red", "green", "yellow"], unseen={"yellow"}).write_csv(small)
     with pytest.raises(CheckpointError, match="trained class 'blue'"):
-        annotate(world, tmp_path / "p3", classes_csv=str(small))
+        annotate(world, tmp_path / "p3", classes=str(small))
 
 
 def test_new_classes_join_the_graph_without_retraining(world, tmp_path, prefect_harness, monkeypatch):
@@ -131,7 +132,7 @@ def test_new_classes_join_the_graph_without_retraining(world, tmp_path, prefect_
     bigger = tmp_path / "classes.csv"
     Vocabulary.from_names(list(COLOURS) + ["purple", "orange"], unseen={"yellow", "purple", "orange"}).write_csv(bigger)
     out = tmp_path / "pred"
-    s = annotate(world, out, classes_csv=str(bigger))
+    s = annotate(world, out, classes=str(bigger))
     assert s["images"] == 24
     crg = CRG.read(out / "crg.json")
     assert set(crg.neighbors) >= {"purple", "orange"}  # similarity edges for the new classes
@@ -158,7 +159,7 @@ def test_calibrated_thresholds_mark_tags(world, tmp_path, prefect_harness):
     rows = th_csv.read_text().splitlines()
     assert rows[0] == "class_id,threshold,f1" and len(rows) == 5
     out2 = tmp_path / "pred2"
-    annotate(world, out2, thresholds_csv=str(th_csv), top_m=1)
+    annotate(world, out2, thresholds=str(th_csv), top_m=1)
     tags = table(out2, "tags")
     th_by = {line.split(",")[0]: float(line.split(",")[1]) for line in rows[1:] if line.split(",")[1]}
     for cid, score, above in tags[["class_id", "score", "above_threshold"]].itertuples(index=False):

@@ -24,12 +24,13 @@ SECRET = "testing-secret"  # tests/conftest.py's AWS_SECRET_ACCESS_KEY
 
 
 def annotate(world, out, **kw):
+    from dart_core.options.annotate import AnnotateOptions
     from flows.annotate import annotate_flow
 
-    args = dict(checkpoint=world["checkpoint"], shards=world["shards"], classes_csv=world["classes"], out=str(out),
+    args = dict(checkpoint=world["checkpoint"], shards=world["shards"], classes=world["classes"], out=str(out),
                 crg=world["crg"], batch_size=4)
     args.update(kw)
-    return annotate_flow(**args)
+    return annotate_flow(AnnotateOptions(**args))
 
 
 def cli(*args, cache: Path) -> subprocess.CompletedProcess:
@@ -157,6 +158,7 @@ def test_calibrate_and_audit_on_s3(world, runs, prefect_harness, tmp_path, monke
     from typer.testing import CliRunner
 
     from flows.cli import app
+    from dart_core.options.annotate import AuditOptions
     from flows.evaluate import audit_flow
 
     monkeypatch.setenv("DART_CACHE_DIR", str(tmp_path / "cache"))
@@ -165,11 +167,12 @@ def test_calibrate_and_audit_on_s3(world, runs, prefect_harness, tmp_path, monke
         r = CliRunner().invoke(app, ["calibrate", pred, "--out", out])
         assert r.exit_code == 0, r.output
     assert storage.read_bytes(th_s3) == th_local.read_bytes()
-    page = Path(audit_flow(runs["s3"], str(tmp_path / "report"), limit=5, min_suspicion=0.0))
+    page = Path(audit_flow(AuditOptions(pred=runs["s3"], out=tmp_path / "report", limit=5, min_suspicion=0.0)))
     html = page.read_text()
     assert page.name == "index.html" and '"img":"img/00000.jpg"' in html  # thumbnails from the shards
     assert (tmp_path / "report" / "img" / "00000.jpg").stat().st_size > 0
-    local_page = Path(audit_flow(str(runs["local"]), str(tmp_path / "report_local"), limit=5, min_suspicion=0.0))
+    local_page = Path(audit_flow(AuditOptions(pred=runs["local"], out=tmp_path / "report_local", limit=5,
+                                                min_suspicion=0.0)))
 
     def rows(page_html: str) -> list:  # the review list the page shows (the header names each run's paths)
         return json.loads(page_html.split('id="audit-data">', 1)[1].split("</script>", 1)[0])["rows"]

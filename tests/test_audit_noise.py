@@ -36,14 +36,15 @@ def test_precision_recall_by_hand():
 @pytest.fixture(scope="module")
 def noisy(world, tmp_path_factory, prefect_harness):  # noqa: F811
     from dart_core.audit import measure_label_noise
+    from dart_core.options.annotate import AnnotateOptions
     from flows.annotate import annotate_flow
 
     root = tmp_path_factory.mktemp("noise")
     make_shards(root / "clean" / "val", n_shards=2, per_shard=6)  # 12 images: 2 positives, 1 negative, 1 unknown each
 
     def annotate(shards: str, pred: str) -> None:
-        annotate_flow(world["checkpoint"], shards, world["classes"], pred, world["crg"], batch_size=8, top_m=4,
-                      mode="overwrite")
+        annotate_flow(AnnotateOptions(checkpoint=world["checkpoint"], shards=shards, classes=world["classes"], out=pred,
+                                      crg=world["crg"], batch_size=8, top_m=4, mode="overwrite"))
 
     res = measure_label_noise(root / "clean" / "val", root / "out", annotate, seed=0, pos_rate=0.25, neg_rate=0.25,
                               shares=(0.25, 0.5, 1.0), capped=True, pairs=True)
@@ -128,9 +129,9 @@ def test_demo_label_noise_option(monkeypatch):
 
     calls = []
 
-    def fake_flow(*args, label_noise=0.0):
-        calls.append(label_noise)
-        return fake_results(label_noise=NOISE) if label_noise else fake_results()
+    def fake_flow(options):
+        calls.append(options.label_noise)
+        return fake_results(label_noise=NOISE) if options.label_noise else fake_results()
 
     monkeypatch.setattr(flows.demo, "demo_flow", fake_flow)
     plain = CliRunner().invoke(app, ["demo", "--workdir", "W"])

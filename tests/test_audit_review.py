@@ -48,14 +48,15 @@ def write_source_shards(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def loop(world, tmp_path_factory, prefect_harness):  # noqa: F811
+    from dart_core.options.annotate import AnnotateOptions
     from flows.annotate import annotate_flow
 
     root = tmp_path_factory.mktemp("audit_loop")
     truth = write_source_shards(root / "clean" / "val")
     flipped = inject_label_errors(root / "clean" / "val", root / "noisy" / "val", seed=0, pos_rate=0.25, neg_rate=0.25)
     for name in ("clean", "noisy"):
-        annotate_flow(world["checkpoint"], str(root / name), world["classes"], str(root / f"pred_{name}"),
-                      world["crg"], batch_size=8, top_m=4)
+        annotate_flow(AnnotateOptions(checkpoint=world["checkpoint"], shards=root / name, classes=world["classes"],
+                                      out=root / f"pred_{name}", crg=world["crg"], batch_size=8, top_m=4))
     return {**world, "root": root, "truth": truth, "flipped": flipped, "pred": str(root / "pred_noisy"),
             "clean_pred": str(root / "pred_clean")}
 
@@ -252,9 +253,11 @@ class Browser:
 
 
 def test_report_filters_sort_page_and_viewer_in_chromium(loop, tmp_path):
+    from dart_core.options.annotate import AuditOptions
     from flows.evaluate import audit_flow
 
-    res = audit_flow(loop["pred"], str(tmp_path / "report"), min_suspicion=0.0, limit=1000, details=True)
+    res = audit_flow(AuditOptions(pred=loop["pred"], out=tmp_path / "report", min_suspicion=0.0, limit=1000),
+                     details=True)
     page = Path(res["report"])
     from dart_core.audit import run_audit
 

@@ -21,6 +21,7 @@ def test_mine_crg_flow_secret_block_cache_and_no_leak(prefect_harness, tmp_path,
     from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogHandler
 
+    from dart_core.options.crg import MineOptions
     from flows.crg import mine_crg
 
     Secret(value=KEY).save("crg-test-openai-key", overwrite=True)
@@ -28,9 +29,9 @@ def test_mine_crg_flow_secret_block_cache_and_no_leak(prefect_harness, tmp_path,
     vocab().write_csv(classes)
     with OpenAIStub() as stub:
         script(stub)
-        params = dict(classes=str(classes), out=str(out), base_url=stub.base_url, neighbors=4, shortlist=0,
-                      cache=str(tmp_path / "cache"), concurrency=4, api_key_block="crg-test-openai-key")
-        state = mine_crg(**params, return_state=True)
+        options = MineOptions(classes=str(classes), out=str(out), base_url=stub.base_url, neighbors=4, shortlist=0,
+                              cache=str(tmp_path / "cache"), concurrency=4, api_key_block="crg-test-openai-key")
+        state = mine_crg(options, return_state=True)
         assert state.is_completed(), state
         res = state.result()
         assert res["source"] == "llm" and res["report"]["answers_fetched"] == 30
@@ -38,18 +39,18 @@ def test_mine_crg_flow_secret_block_cache_and_no_leak(prefect_harness, tmp_path,
         crg = CRG.read(out)
         assert {c: crg.neighbors[c] for c in EXPECTED} == {c: n for c, (n, _) in EXPECTED.items()}
         # same inputs again: the Prefect task is served from its cache, the endpoint sees nothing
-        state2 = mine_crg(**params, return_state=True)
+        state2 = mine_crg(options, return_state=True)
         assert state2.is_completed() and state2.result() == res and stub.chat_calls() == 30
         # crg.json deleted: the task runs again, every answer comes from the answer cache
         out.unlink()
-        res3 = mine_crg(**params)
+        res3 = mine_crg(options)
         assert stub.chat_calls() == 30 and res3["report"]["answers_cached"] == 30 and out.exists()
     APILogHandler().flush()  # send the queued log lines before reading them back
     with get_client(sync_client=True) as client:
         flow_runs = every_page(client.read_flow_runs)
         task_runs = every_page(client.read_task_runs)
         logs = every_page(client.read_logs)
-    ours = [fr for fr in flow_runs if fr.parameters.get("out") == str(out)]
+    ours = [fr for fr in flow_runs if fr.parameters.get("options", {}).get("out") == str(out)]
     assert len(ours) == 3
     states = sorted(tr.state.name for tr in task_runs if tr.flow_run_id in {fr.id for fr in ours})
     assert states == ["Cached", "Completed", "Completed"]

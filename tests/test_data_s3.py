@@ -15,10 +15,11 @@ import torch
 
 from dart_core.data.records import sample_key
 from dart_core.data.reader import list_shards, make_loader
+from dart_core.data.refresh import refresh_prefix
+from dart_core.data.shard_run import shard_source
+from dart_core.options.data import RefreshOptions, ShardOptions
 from dart_core.vocab import Vocabulary
 from dart_core import storage
-from flows.refresh import refresh_prefix
-from flows.shard import shard_source
 from tests.data_fixtures import bad_images, jpeg
 
 DART = str(Path(sys.executable).with_name("dart"))
@@ -51,7 +52,7 @@ def upload_folder(base: str, n: int, prefix: str = "img/p") -> list[str]:
 def test_s3_source_to_s3_shards_and_reader(s3_bucket):
     src, out = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/shards"
     keys = upload_folder(src, 9)
-    r = shard_source(src, "folder", out, shard_size=4, workers=2, progress=False)
+    r = shard_source(ShardOptions(source=src, format="folder", out=out, shard_size=4, workers=2), progress=False)
     assert r["ok"] == 9 and r["failed_by_reason"] == {"decode_error": 1, "missing_file": 1, "path_escapes_source": 1}
     assert r["reconciles"] and r["totals"]["inputs"] == 12
     names = storage.list_names(f"{out}/train")
@@ -66,7 +67,7 @@ def test_s3_source_to_s3_shards_and_reader(s3_bucket):
     assert sorted(got) == sorted(keys)
     assert got[sample_key("img/p0.jpg")] == [-1, 1] and got[sample_key("img/p1.jpg")] == [1, -1]  # "cat": dog, not named, is a negative
     # incremental rerun against S3: nothing new
-    r = shard_source(src, "folder", out, shard_size=4, workers=1, progress=False)
+    r = shard_source(ShardOptions(source=src, format="folder", out=out, shard_size=4, workers=1), progress=False)
     assert (r["skipped"], r["ok"], r["new_shards"]) == (12, 0, [])
 
 
@@ -76,19 +77,19 @@ def test_refresh_only_new_objects(s3_bucket):
         put(f"{raw}/day1/x{i}.jpg", jpeg(160, 120, i))
     put(f"{raw}/day1/labels.csv", b"path,labels\nx0.jpg,cat\nx1.jpg,-cat|dog\n")
     put(f"{raw}/notes.txt", b"not an image")
-    r1 = refresh_prefix(raw, out, shard_size=3, workers=1, progress=False)
+    r1 = refresh_prefix(RefreshOptions(prefix=raw, out=out, shard_size=3, workers=1), progress=False)
     assert r1["new_objects"] == 5 and r1["new_shards"] == [f"{out}/train/000000.tar", f"{out}/train/000001.tar"]
     assert sorted(k for s in r1["new_shards"] for k in s3_tar_keys(s)) == sorted(sample_key(f"day1/x{i}.jpg") for i in range(5))
     before = {o.key: o.etag for o in storage.list_objects(out)}
     # nothing new: nothing written, nothing returned
-    r2 = refresh_prefix(raw, out, shard_size=3, workers=1, progress=False)
+    r2 = refresh_prefix(RefreshOptions(prefix=raw, out=out, shard_size=3, workers=1), progress=False)
     assert (r2["new_objects"], r2["new_shards"]) == (0, [])
     assert {o.key: o.etag for o in storage.list_objects(out)} == before
     # two new objects and one changed object -> only those, in a new shard after the last
     put(f"{raw}/day2/y0.jpg", jpeg(160, 120, 10))
     put(f"{raw}/day2/y1.jpg", jpeg(160, 120, 11))
     put(f"{raw}/day1/x4.jpg", jpeg(160, 120, 44))
-    r3 = refresh_prefix(raw, out, shard_size=3, workers=1, progress=False)
+    r3 = refresh_prefix(RefreshOptions(prefix=raw, out=out, shard_size=3, workers=1), progress=False)
     assert r3["new_objects"] == 3 and r3["new_shards"] == [f"{out}/train/000002.tar"]
     new_keys = s3_tar_keys(r3["new_shards"][0])
     # the changed object keeps its old sample and gets a new one keyed by its path and new ETag
@@ -140,7 +141,7 @@ def zeros(im):  # picklable preprocess (spawned DataLoader workers)
 def s3_shards(bucket: str) -> tuple[str, list[str]]:
     src, out = f"s3://{bucket}/raw", f"s3://{bucket}/shards"
     keys = upload_folder(src, 9)
-    shard_source(src, "folder", out, shard_size=4, workers=1, progress=False)
+    shard_source(ShardOptions(source=src, format="folder", out=out, shard_size=4, workers=1), progress=False)
     return f"{out}/train", keys
 
 
@@ -180,7 +181,8 @@ def test_one_shard_id_in_sidecar_stats_and_predictions(s3_bucket, tmp_path):
     from types import SimpleNamespace
 
     from dart_core.data.shard_format import shard_id
-    from dart_core.infer import AnnotateConfig, annotate_shard
+    from dart_core.infer import annotate_shard
+    from dart_core.options.annotate import AnnotateOptions
     from dart_core.storage import read_parquet_bytes
 
     class Stub(torch.nn.Module):  # the interface annotate_shard uses, scores all zero
@@ -200,7 +202,8 @@ def test_one_shard_id_in_sidecar_stats_and_predictions(s3_bucket, tmp_path):
         sidecar = read_parquet_bytes(storage.read_bytes(url[: -len(".tar")] + ".parquet"))
         assert set(sidecar.column("shard").to_pylist()) == {sid}
         assert json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))["shard"] == sid
-        stats = annotate_shard(Stub(), vocab, url, pred, AnnotateConfig(batch_size=4, num_workers=0))
+        stats = annotate_shard(Stub(), vocab, url, pred, AnnotateOptions(
+            checkpoint="stub", shards=url, classes="stub", out=pred, batch_size=4, decode_threads=0))
         assert stats["shard"] == sid and stats["images"] > 0
         assert json.loads((pred / "_done" / f"{sid}.json").read_text())["shard"] == sid
         assert (pred / "scores" / f"shard={sid}" / "part.parquet").is_file()

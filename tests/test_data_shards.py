@@ -21,8 +21,9 @@ from PIL import Image
 
 from dart_core.data.records import sample_key
 from dart_core.data.reader import list_shards, make_loader
+from dart_core.data.shard_run import ShardRunError, shard_source
+from dart_core.options.data import ShardOptions
 from dart_core.vocab import Vocabulary
-from flows.shard import ShardRunError, shard_source
 from tests.data_fixtures import jpeg, make_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ def parquet_rows(shard_dir: Path) -> list[dict]:
 def folder_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
     exp = make_folder(root / "src")
-    report = shard_source(str(root / "src"), "folder", str(root / "out"), shard_size=5, workers=2, progress=False)
+    report = shard_source(ShardOptions(source=str(root / "src"), format="folder", out=str(root / "out"), shard_size=5,
+                                       workers=2), progress=False)
     return root, exp, report
 
 
@@ -174,29 +176,31 @@ def _small_folder(root: Path, names: list[str], label: str = "cat") -> None:
 def test_modes_incremental_extend_overwrite(tmp_path):
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
     _small_folder(a, [f"a{i}" for i in range(7)])
-    r = shard_source(str(a), "folder", str(out), shard_size=3, workers=1, progress=False)
+    r = shard_source(ShardOptions(source=str(a), format="folder", out=str(out), shard_size=3, workers=1), progress=False)
     d = out / "train"
     assert sorted(p.name for p in d.glob("*.tar")) == ["000000.tar", "000001.tar", "000002.tar"]
     # incremental rerun: nothing to do
-    r = shard_source(str(a), "folder", str(out), shard_size=3, workers=1, progress=False)
+    r = shard_source(ShardOptions(source=str(a), format="folder", out=str(out), shard_size=3, workers=1), progress=False)
     assert (r["skipped"], r["ok"], r["new_shards"]) == (7, 0, [])
     # a shard without its stats file is incomplete: redone under the same number
     (d / "000001_stats.json").unlink()
-    r = shard_source(str(a), "folder", str(out), shard_size=3, workers=1, progress=False)
+    r = shard_source(ShardOptions(source=str(a), format="folder", out=str(out), shard_size=3, workers=1), progress=False)
     assert (r["skipped"], r["ok"]) == (4, 3) and r["new_shards"] == [str(d / "000001.tar")]
     assert sorted(tar_samples(d)) == sorted(f"a{i}" for i in range(7))
     # incremental with another vocabulary: refused, naming classes.csv
     _small_folder(b, [f"b{i}" for i in range(4)], label="dog")
     with pytest.raises(ShardRunError, match="classes.csv: differs"):
-        shard_source(str(b), "folder", str(out), shard_size=3, workers=1, progress=False)
+        shard_source(ShardOptions(source=str(b), format="folder", out=str(out), shard_size=3, workers=1), progress=False)
     # extend: new shards after the last, vocabulary appended
-    r = shard_source(str(b), "folder", str(out), shard_size=3, workers=1, mode="extend", progress=False)
+    r = shard_source(ShardOptions(source=str(b), format="folder", out=str(out), shard_size=3, workers=1, mode="extend"),
+                     progress=False)
     assert r["new_shards"] == [str(d / "000003.tar"), str(d / "000004.tar")]
     assert Vocabulary.read_csv(out / "classes.csv").ids == ("cat", "dog")
     assert sorted(tar_samples(d)) == sorted([f"a{i}" for i in range(7)] + [f"b{i}" for i in range(4)])
     assert r["totals"]["inputs"] == 11
     # overwrite: only the new source, numbered from 0
-    r = shard_source(str(b), "folder", str(out), shard_size=3, workers=1, mode="overwrite", progress=False)
+    r = shard_source(ShardOptions(source=str(b), format="folder", out=str(out), shard_size=3, workers=1,
+                                  mode="overwrite"), progress=False)
     assert sorted(p.name for p in d.glob("*")) == ["000000.parquet", "000000.tar", "000000_stats.json",
                                                    "000001.parquet", "000001.tar", "000001_stats.json"]
     assert sorted(tar_samples(d)) == [f"b{i}" for i in range(4)]
@@ -212,8 +216,10 @@ def test_list_shards_ignores_incomplete(tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from flows.shard import shard_source
-shard_source(sys.argv[1], "folder", sys.argv[2], shard_size=7, workers=2, progress=False)
+from dart_core.data.shard_run import shard_source
+from dart_core.options.data import ShardOptions
+shard_source(ShardOptions(source=sys.argv[1], format="folder", out=sys.argv[2], shard_size=7, workers=2),
+             progress=False)
 """
 
 
@@ -225,11 +231,17 @@ def test_kill9_exactly_once(tmp_path):
         f.write("missing.jpg,cat\nk005.jpg,cat\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(7)
+    d = out / "train"
     kills = 0
     for _ in range(6):
         p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(out)], env=env,
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 3.0))
+        # killed while it writes: at a random moment after it has completed 1-3 more shards (its
+        # whole run takes well under a second once imported, so a fixed delay would often miss it)
+        target = len(list(d.glob("*_stats.json"))) + rng.randint(1, 3)
+        while p.poll() is None and len(list(d.glob("*_stats.json"))) < target:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.01))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)  # the whole group: writer and its decoding workers
             kills += 1
@@ -237,7 +249,6 @@ def test_kill9_exactly_once(tmp_path):
     assert kills >= 3
     done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(src), str(out)], env=env, timeout=300)
     assert done.returncode == 0
-    d = out / "train"
     samples = tar_samples(d)  # asserts no duplicate sample
     assert sorted(samples) == names
     rows = parquet_rows(d)
@@ -308,13 +319,14 @@ def test_absent_option_is_checked(tmp_path):
 def test_shards_that_do_not_record_the_rule_are_not_checked(tmp_path):
     """Folder shards written before the rule was recorded (the demo's name every class) resume."""
     positive_only_folder(tmp_path / "src")
-    shard_source(str(tmp_path / "src"), "folder", str(tmp_path / "out"), workers=1, progress=False)
+    shard_source(ShardOptions(source=str(tmp_path / "src"), format="folder", out=str(tmp_path / "out"), workers=1),
+                 progress=False)
     stats_file = tmp_path / "out" / "train" / "000000_stats.json"
     stats = json.loads(stats_file.read_text())
     del stats["absent"]
     stats_file.write_text(json.dumps(stats))
-    r = shard_source(str(tmp_path / "src"), "folder", str(tmp_path / "out"), workers=1, progress=False,
-                     absent="unknown")
+    r = shard_source(ShardOptions(source=str(tmp_path / "src"), format="folder", out=str(tmp_path / "out"), workers=1,
+                                  absent="unknown"), progress=False)
     assert (r["skipped"], r["ok"], r["new_shards"], r["absent"]) == (4, 0, [], "unknown")
 
 

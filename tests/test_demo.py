@@ -8,12 +8,13 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path, prefect_harness, monkeypatch):
+    from dart_core.options.demo import DemoOptions
     from flows.demo import demo_flow, format_label_noise, format_results
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    res = demo_flow(str(tmp_path / "demo"), n_train=160, n_test=60, vlp_steps=10, epochs=2, batch_size=32,
-                    train_seeds=[0, 1], label_noise=0.05)
+    res = demo_flow(DemoOptions(workdir=tmp_path / "demo", n_train=160, n_test=60, vlp_steps=10, epochs=2,
+                                batch_size=32, train_seeds=[0, 1], label_noise=0.05))
     assert res["crg_source"] == "world"  # no endpoint: the world's relations stand in for the LLM's
     st = res["dart_seeds"]
     assert st["runs"] == 2 and set(st["mean"]) == set(st["spread"]) and 0 <= st["spread"]["zsl_mAP"] <= 1

@@ -59,7 +59,12 @@ def deployed(world, tmp_path_factory):
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "dart-process"], env=env, cwd=REPO,
                                   stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
-        yield {"prefect": prefect, "worker_log": tmp / "worker.log", **paths}
+        def run_params(*args):
+            """infra/run_params.py: the deployment's `options` with some fields changed, as --params JSON."""
+            return subprocess.run([sys.executable, "infra/run_params.py", *args], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=60)
+
+        yield {"prefect": prefect, "run_params": run_params, "worker_log": tmp / "worker.log", **paths}
     finally:
         for p in (worker, server):
             if p is not None:
@@ -75,7 +80,13 @@ def test_prefect_deployment_run_annotate_nightly(deployed, world):
     prefect = deployed["prefect"]
     listed = prefect("deployment", "ls")
     assert all(d in listed for d in ("annotate/nightly", "refresh/nightly", "pipeline/cpu", "pipeline/gpu"))
-    out = prefect("deployment", "run", "annotate/nightly", "--param", "batch_size=8", "--watch",
+    bad = deployed["run_params"]("annotate/nightly", "batch=8")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: 'batch' is not an option of the annotate flow")
+    params = deployed["run_params"]("annotate/nightly", "batch_size=8")
+    assert params.returncode == 0, params.stderr
+    options = json.loads(params.stdout)["options"]
+    assert options["batch_size"] == 8 and options["mode"] == "append" and options["checkpoint"] == world["checkpoint"]
+    out = prefect("deployment", "run", "annotate/nightly", "--params", params.stdout, "--watch",
                   "--watch-timeout", "400", timeout=450)
     assert "Completed" in out, out[-2000:] + deployed["worker_log"].read_text()[-3000:]
     scores = pq.read_table(deployed["pred"] / "scores").to_pandas()
@@ -90,9 +101,11 @@ def test_prefect_deployment_run_pipeline_on_a_folder_source(deployed):
     # the GPU example is deployed as written: its pool, job variables and number of GPUs
     gpu = prefect("deployment", "inspect", "pipeline/gpu")
     assert "dart-gpu" in gpu and "CUDA_VISIBLE_DEVICES" in gpu and "'nproc': 8" in gpu and "'device': 'cuda'" in gpu
-    out = prefect("deployment", "run", "pipeline/cpu", "--param", "epochs=1", "--param", "batch_size=8",
-                  "--param", "val_share=0", "--param", "shard_size=16", "--param", "shard_workers=1",
-                  "--param", 'model_cfg={"top_k_share": 0.25}', "--watch", "--watch-timeout", "500", timeout=560)
+    params = deployed["run_params"]("pipeline/cpu", "epochs=1", "batch_size=8", "val_share=0", "shard_size=16",
+                                    "shard_workers=1", "top_k_share=0.25")
+    assert params.returncode == 0, params.stderr
+    out = prefect("deployment", "run", "pipeline/cpu", "--params", params.stdout, "--watch", "--watch-timeout", "500",
+                  timeout=560)
     assert "Completed" in out, out[-2000:] + deployed["worker_log"].read_text()[-4000:]
     work = deployed["work"]
     summary = json.loads((work / "summary.json").read_text())

@@ -47,6 +47,7 @@ def test_pipeline_folder_source_runs_then_skips_then_takes_new_images(tmp_path, 
                                                                       monkeypatch):
     from prefect.artifacts import Artifact
 
+    from dart_core.options.pipeline import PipelineOptions
     from flows.pipeline import pipeline_flow
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -55,8 +56,8 @@ def test_pipeline_folder_source_runs_then_skips_then_takes_new_images(tmp_path, 
     work = tmp_path / "work"
 
     def run():
-        return pipeline_flow(str(src["train"]), "folder", str(work), test_source=str(src["test"]),
-                             pretrained=tiny_clip_ckpt, checkpoint_every=1, **TINY)
+        return pipeline_flow(PipelineOptions(source=src["train"], format="folder", out=work, test_source=src["test"],
+                                             pretrained=tiny_clip_ckpt, checkpoint_every=1, **TINY))
 
     s = run()
     assert statuses(s) == {k: "ran" for k in ("shard", "crg", "train", "annotate", "evaluate", "audit")}
@@ -120,15 +121,17 @@ def test_pipeline_bad_options_are_one_line(tmp_path, tiny_clip_ckpt):
 
 def test_pipeline_bad_input_fails_the_flow_run_with_the_message(tmp_path, tiny_clip_ckpt, prefect_harness):
     """Inside Prefect (a deployment run): the same message, on a Failed flow run."""
-    from flows.pipeline import PipelineError, pipeline_flow
+    from dart_core.options.pipeline import PipelineError, PipelineOptions
+    from flows.pipeline import pipeline_flow
 
     (tmp_path / "src").mkdir()
-    state = pipeline_flow(str(tmp_path / "src"), "folder", str(tmp_path / "work"), pretrained=tiny_clip_ckpt,
-                          backbone="dart-tiny-vit", return_state=True)
+    state = pipeline_flow(PipelineOptions(source=tmp_path / "src", format="folder", out=tmp_path / "work",
+                                          pretrained=tiny_clip_ckpt, backbone="dart-tiny-vit"), return_state=True)
     assert state.is_failed() and "--test-source is required" in state.message
     with pytest.raises(PipelineError, match="--test-source is required"):
         state.result()
     # a source that is not there: the shard stage names it
-    state = pipeline_flow(str(tmp_path / "nowhere"), "folder", str(tmp_path / "work"), test_source=str(tmp_path / "src"),
-                          pretrained=tiny_clip_ckpt, backbone="dart-tiny-vit", return_state=True)
+    state = pipeline_flow(PipelineOptions(source=tmp_path / "nowhere", format="folder", out=tmp_path / "work",
+                                          test_source=tmp_path / "src", pretrained=tiny_clip_ckpt,
+                                          backbone="dart-tiny-vit"), return_state=True)
     assert state.is_failed() and "nowhere" in state.message

@@ -320,11 +320,13 @@ def test_shard_tricky_folder_end_to_end(tmp_path):
     """Every path is in the shards exactly once, with its relative path in the sample json and the
     parquet sidecar."""
     pq = pytest.importorskip("pyarrow.parquet")
-    from flows.shard import shard_source
+    from dart_core.data.shard_run import shard_source
+    from dart_core.options.data import ShardOptions
 
     make_tricky_folder(tmp_path / "src")
     out = tmp_path / "out"
-    report = shard_source(str(tmp_path / "src"), "folder", str(out), workers=1, progress=False)
+    report = shard_source(ShardOptions(source=str(tmp_path / "src"), format="folder", out=str(out), workers=1),
+                          progress=False)
     assert report["ok"] == len(TRICKY) and report["failed"] == 0
     files_json, members = [], []
     for tar in sorted((out / "train").glob("*.tar")):

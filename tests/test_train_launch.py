@@ -37,14 +37,15 @@ def test_flow_on_two_gloo_ranks_matches_one_process_with_the_doubled_batch(tmp_p
     """2 shards of 4 samples: each rank reads one shard, so one step of 2 × 4 sees exactly the samples
     of the one-process step of 8 (in another order; every loss term is a mean over the batch)."""
     from dart_core.checkpoint import read_checkpoint
+    from dart_core.options.train import TrainOptions
     from flows.train import train_flow
 
     shards, classes = shards_and_classes(tmp_path)
-    model_cfg = {"backbone": "dart-tiny-vit", "pretrained": tiny_clip_ckpt, "top_k_share": 0.25}
-    cfg = {"epochs": 3, "lr": 1e-3, "min_lr": 1e-4, "warmup_epochs": 1, "val_share": 0}
-    one = train_flow(shards, classes, str(tmp_path / "one"), model_cfg, {**cfg, "batch_size": 8}, crg_source="similarity")
-    two = train_flow(shards, classes, str(tmp_path / "two"), model_cfg, {**cfg, "batch_size": 4}, crg_source="similarity",
-                     nproc=2)
+    run = TrainOptions(shards=shards, classes=classes, out=str(tmp_path / "one"), crg_source="similarity",
+                       backbone="dart-tiny-vit", pretrained=tiny_clip_ckpt, top_k_share=0.25, epochs=3, lr=1e-3,
+                       val_share=0, train_overrides={"min_lr": 1e-4, "warmup_epochs": 1})
+    one = train_flow(run.model_copy(update={"batch_size": 8}))
+    two = train_flow(run.model_copy(update={"out": str(tmp_path / "two"), "batch_size": 4, "nproc": 2}))
     a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
     assert [h["step"] for h in a] == [h["step"] for h in b] == [1, 2, 3]
     np.testing.assert_allclose([h["total"] for h in b], [h["total"] for h in a], rtol=1e-4)

@@ -40,10 +40,10 @@ USER_ERRORS = {
     "dart_core.data.records": ("SourceError",),
     "dart_core.data.reader": ("ShardsError",),
     "dart_core.data.shard_writer": ("ShardWriteError",),
+    "dart_core.data.shard_run": ("ShardRunError",),
     "dart_core.evaluate": ("PredictionsError",),
     "dart_core.infer": ("AnnotateError",),
     "dart_core.predictions": ("AnnotateError",),
-    "flows.shard": ("ShardRunError",),
     "botocore.exceptions": ("ClientError", "BotoCoreError"),  # bucket or key missing, no credentials
     "boto3.exceptions": ("Boto3Error",),
 }

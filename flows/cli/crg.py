@@ -6,12 +6,11 @@ and exit code 2; no traceback (flows.cli._guard).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
-
 import typer
 
-from flows.cli import _options as check
+from dart_core.options.crg import MineOptions
 from flows.cli._app import app
+from flows.cli._command import options_command
 
 crg_app = typer.Typer(help="Class Relationship Graph: mine it from an LLM (or fallbacks), look at it.",
                       no_args_is_help=True)
@@ -23,39 +22,18 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@crg_app.command("mine")
-def mine(
-    classes: str = typer.Option(..., "--classes", help="classes.csv (id,name,split), local or s3://"),
-    out: str = typer.Option(..., "--out", help="crg.json to write (an existing one is extended incrementally)"),
-    source: Literal["llm", "similarity", "random"] = typer.Option(
-        "llm", "--source", help="who names each class's neighbours (similarity: text embeddings; random: a control)"),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint (default: OpenAI, or $OPENAI_BASE_URL)"),
-    model: str = typer.Option("gpt-4o", "--model", help="chat model name"),
-    queries: int = typer.Option(3, "--queries", min=1, help="queries per class (paper: 3)"),
-    top_p: float = typer.Option(0.3, "--top-p", callback=check.share, help="nucleus sampling (paper: 0.3)"),
-    neighbors: int = typer.Option(8, "--neighbors", min=1, help="top-N neighbours per class (paper: 8; Open Images 12)"),
-    shortlist: int = typer.Option(200, "--shortlist", min=0, help="candidates per prompt by text-embedding similarity; 0 = all seen classes (paper)"),
-    cache: Optional[str] = typer.Option(None, "--cache", help="answer cache dir, local or s3:// (default ~/.cache/dart-annotate/crg-answers)"),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="requests in flight at once"),
-    batch: bool = typer.Option(False, "--batch", help="use the OpenAI Batch API (cheaper, slower)"),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip model for text embeddings ('hash' = weight-free lexical stand-in)"),
-    pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag or checkpoint file"),
-    poll_interval: float = typer.Option(10.0, "--poll-interval", callback=check.positive, help="seconds between batch status polls"),
-    retry_base_delay: float = typer.Option(1.0, "--retry-base-delay", min=0, help="first backoff step in seconds (doubles per retry, jittered)"),
-    request_timeout: float = typer.Option(120.0, "--request-timeout", callback=check.positive, help="seconds before a request is retried as timed out"),
-) -> None:
+@options_command(crg_app, MineOptions, name="mine")
+def mine(options: MineOptions) -> None:
     """Mine the CRG for CLASSES_CSV into CRG_JSON. The API key comes from $OPENAI_API_KEY."""
-    from flows.crg import MineOptions, run_mining
+    from flows.cli._run import plain_output
+    from flows.crg import mine_crg
 
-    opt = MineOptions(classes=classes, out=out, source=source, base_url=base_url, model=model, queries=queries,
-                      top_p=top_p, neighbors=neighbors, shortlist=shortlist, cache=cache, concurrency=concurrency,
-                      batch=batch, backbone=backbone, pretrained=pretrained, poll_interval=poll_interval,
-                      retry_base_delay=retry_base_delay, request_timeout=request_timeout)
     try:
-        res = run_mining(opt, log=lambda s: typer.echo(s, err=True))
+        with plain_output(echo=True):  # the estimate, progress and summary lines on stderr, as plain lines
+            res = mine_crg(options)
     except _backbone_errors() as e:
         _fail(f"{e} (use --backbone hash for the weight-free embedder, or --shortlist 0 --source llm)")
-    if res.incomplete:
+    if res["incomplete"]:
         raise typer.Exit(1)
 
 
