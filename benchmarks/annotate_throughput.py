@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1006)
     ap.add_argument("--backbone", default="dart-world-vit")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the (one) annotate worker")
-    ap.add_argument("--num-workers", type=int, default=1, help="AnnotateConfig.num_workers (decoding beside the model)")
+    ap.add_argument("--num-workers", type=int, default=1, help="AnnotateOptions.decode_threads (decoding beside the model)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="bare and in-shard measured this many times, interleaved; the best of each is reported "
                          "(a shared machine's load comes and goes)")

@@ -123,3 +123,11 @@ def load_model(path: str | Path, device: str = "cpu", backbone: str | None = Non
             raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(shapes[k].shape)}")
     model.load_state_dict(doc["state_dict"], strict=False)
     return model, doc
+
+
+def zero_shot_checkpoint(path: str | Path, backbone: str, pretrained: str, classes_csv: str) -> str:
+    """A 'DART' with neither ARM nor ATM: no trainable weight; scored in zero_shot mode it is the
+    frozen VLP itself, and it goes through exactly the same annotate/eval code as DART."""
+    m = DART(DARTConfig(backbone=backbone, pretrained=pretrained, use_arm=False, use_atm=False))
+    save_checkpoint(path, m, Vocabulary.read_csv(classes_csv).subset("seen"))
+    return str(path)

@@ -78,6 +78,30 @@ def load_annotator(options: AnnotateOptions, crg: str | None) -> tuple:
         return _models[key]
 
 
+def resolve_shards(shards: str | list[str]) -> list[str]:
+    """A folder / s3 prefix of shards (all complete ones below it, one level of split folders
+    included) or an explicit list; a named shard that does not exist is an error."""
+    from dart_core import storage
+    from dart_core.data.reader import list_shards
+
+    if isinstance(shards, (list, tuple)):
+        for s in shards:
+            if not storage.exists(s):
+                raise AnnotateError(f"shard {s} does not exist")
+        return list(shards)
+    if str(shards).endswith(".tar"):
+        if not storage.exists(shards):
+            raise AnnotateError(f"shard {shards} does not exist")
+        return [shards]
+    found = list_shards(shards)
+    if not found:
+        for sub in storage.list_dirs(shards):
+            found += list_shards(storage.join(shards, sub))
+    if not found:
+        raise AnnotateError(f"no complete shards under {shards}")
+    return found
+
+
 # ---- reading a shard, tolerating bad samples ----------------------------------------------------
 
 def shard_batches(url: str, vocab: Vocabulary, preprocess, batch_size: int, num_workers: int):

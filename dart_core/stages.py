@@ -58,3 +58,23 @@ class Stages:
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                                    "outputs": outputs}, indent=1, default=str))
         tmp.replace(self.dir / f"{stage}.json")
+
+
+def training_code_hash() -> str:
+    """What a trained variant also depends on: the model and training code — its syntax tree
+    without docstrings (comments are not in the tree), so editing the prose retrains nothing."""
+    import ast
+
+    import dart_core
+
+    h = hashlib.sha256()
+    for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"):
+        tree = ast.parse((Path(dart_core.__file__).parent / name).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + b"\0" + ast.dump(tree).encode())
+    return h.hexdigest()[:16]

@@ -86,3 +86,12 @@ def write_thresholds(out: str | Path, ids: list[str], th: np.ndarray, f1: np.nda
     for cid, t, b in zip(ids, th, f1):
         w.writerow([cid, "" if np.isnan(t) else f"{t:.6g}", "" if np.isnan(b) else f"{b:.4f}"])
     storage.write_bytes(out, f.getvalue().encode())  # local (atomic) or s3://
+
+
+def default_thresholds(classes: str) -> str | None:
+    """thresholds.csv beside classes.csv, when there is one (`dart calibrate` writes it there)."""
+    from dart_core import storage
+
+    beside = storage.join(str(classes).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes) else ".",
+                          "thresholds.csv")
+    return beside if storage.exists(beside) else None

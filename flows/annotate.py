@@ -21,7 +21,6 @@ from prefect.cache_policies import NO_CACHE
 from dart_core import storage
 from dart_core.options.annotate import AnnotateOptions
 from flows.retry import retry_if_transient
-from flows.train import shard_sample_counts
 
 @task(name="annotate-shard", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def annotate_shard_task(options: AnnotateOptions, crg: str | None, thresholds: str | None, shard_url: str) -> dict:
@@ -82,6 +81,7 @@ def _annotate_shards(options: AnnotateOptions, crg: str | None, thresholds: str 
 
     from prefect.futures import as_completed
 
+    from dart_core.data.reader import shard_sample_counts
     from dart_core.progress import progress_bar
 
     futures = annotate_shard_task.map(unmapped(options), unmapped(crg), unmapped(thresholds), shards)
@@ -100,30 +100,6 @@ def _annotate_shards(options: AnnotateOptions, crg: str | None, thresholds: str 
     finally:
         bar.close()
     return [f.result() for f in futures]
-
-
-def resolve_shards(shards: str | list[str]) -> list[str]:
-    """A folder / s3 prefix of shards (all complete ones below it, one level of split folders
-    included) or an explicit list; a named shard that does not exist is an error."""
-    from dart_core.data.reader import list_shards
-    from dart_core.infer import AnnotateError
-
-    if isinstance(shards, (list, tuple)):
-        for s in shards:
-            if not storage.exists(s):
-                raise AnnotateError(f"shard {s} does not exist")
-        return list(shards)
-    if str(shards).endswith(".tar"):
-        if not storage.exists(shards):
-            raise AnnotateError(f"shard {shards} does not exist")
-        return [shards]
-    found = list_shards(shards)
-    if not found:
-        for sub in storage.list_dirs(shards):
-            found += list_shards(storage.join(shards, sub))
-    if not found:
-        raise AnnotateError(f"no complete shards under {shards}")
-    return found
 
 
 def add_new_classes_to_crg(crg: str, classes_csv: str, pred_dir: str, backbone: str, pretrained: str | None,
@@ -152,13 +128,6 @@ def extend_crg_task(crg: str, classes_csv: str, pred_dir: str, backbone: str, pr
     return add_new_classes_to_crg(crg, classes_csv, pred_dir, backbone, pretrained, get_run_logger().info, device)
 
 
-def default_thresholds(classes: str) -> str | None:
-    """thresholds.csv beside classes.csv, when there is one (`dart calibrate` writes it there)."""
-    beside = storage.join(str(classes).rstrip("/").rsplit("/", 1)[0] if "/" in str(classes) else ".",
-                          "thresholds.csv")
-    return beside if storage.exists(beside) else None
-
-
 def decode_threads(options: AnnotateOptions, runner) -> int:
     """Decoding threads per shard task: a GPU eats images faster than one thread decodes."""
     if options.decode_threads is not None:
@@ -174,7 +143,8 @@ def annotate_flow(options: AnnotateOptions) -> dict:
     from dart_core.backbone import patch_grid
     from dart_core.checkpoint import check_vocabulary, read_checkpoint
     from dart_core.devices import unused_gpu_note
-    from dart_core.infer import file_hash, output_lock, prepare_output, read_thresholds
+    from dart_core.infer import file_hash, output_lock, prepare_output, read_thresholds, resolve_shards
+    from dart_core.thresholds import default_thresholds
     from dart_core.vocab import Vocabulary
 
     o, logger = options, get_run_logger()

@@ -22,6 +22,7 @@ from dart_core.options.annotate import AnnotateOptions, AuditOptions, EvalOption
 from dart_core.options.data import ShardOptions
 from dart_core.options.demo import DEMO_TRAIN, DemoOptions
 from dart_core.options.train import TrainOptions
+from dart_core.stages import training_code_hash
 
 
 def _log():
@@ -47,71 +48,10 @@ def make_sources(workdir: Path, n_train: int, n_test: int, seed: int) -> dict:
     return out
 
 
-def localization(pred_dir: str, boxes_jsonl: str, unseen: set[str]) -> dict:
-    """Fraction of positive (image, class) pairs whose top patch lies in one of the class's boxes,
-    from the tags table (patches are stored best first), for ZSL (unseen) and GZSL classes."""
-    import duckdb
-
-    import sql as sqlfiles
-    from dart_core.data.sources.folder import key_for
-    from dart_core.world.generator import read_boxes
-    from dart_core.world.localization import patch_centres
-
-    run = json.loads(Path(pred_dir, "run.json").read_text())
-    grid = tuple(run["grid"])
-    boxes = {key_for(p): objs for p, objs in read_boxes(boxes_jsonl).items()}
-    con = duckdb.connect()
-    rows = con.execute(sqlfiles.load("world_localization_top_patch"), [pred_dir, pred_dir]).fetchall()
-    centres = patch_centres(grid, (64, 64))
-    hit = {"zsl": [0, 0], "gzsl": [0, 0]}
-    for image_id, cid, patch in rows:
-        bs = [o["box"] for o in boxes.get(image_id, []) if cid in o["classes"]]
-        if not bs:
-            continue  # scene classes have no box
-        x, y = centres[patch]
-        ok = any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in bs)
-        for setting in (("zsl", "gzsl") if cid in unseen else ("gzsl",)):
-            hit[setting][0] += ok
-            hit[setting][1] += 1
-    return {s: (h / n if n else float("nan")) for s, (h, n) in hit.items()}
-
-
-def zero_shot_checkpoint(path: Path, backbone: str, pretrained: str, classes_csv: str) -> str:
-    """A 'DART' with neither ARM nor ATM: no trainable weight; scored in zero_shot mode it is the
-    frozen VLP itself, and it goes through exactly the same annotate/eval code as DART."""
-    from dart_core.checkpoint import save_checkpoint
-    from dart_core.model import DART, DARTConfig
-    from dart_core.vocab import Vocabulary
-
-    m = DART(DARTConfig(backbone=backbone, pretrained=pretrained, use_arm=False, use_atm=False))
-    save_checkpoint(path, m, Vocabulary.read_csv(classes_csv).subset("seen"))
-    return str(path)
-
-
 def crg_source_available() -> str:
     from flows.crg import endpoint_configured, resolve_api_key
 
     return "llm" if endpoint_configured(None, resolve_api_key(None)) else "similarity"  # None: OPENAI_BASE_URL
-
-
-def training_code_hash() -> str:
-    """What a trained variant also depends on: the model and training code — its syntax tree
-    without docstrings (comments are not in the tree), so editing the prose retrains nothing."""
-    import ast
-
-    import dart_core
-
-    h = hashlib.sha256()
-    for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"):
-        tree = ast.parse((Path(dart_core.__file__).parent / name).read_text())
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                    and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]
-        h.update(name.encode() + b"\0" + ast.dump(tree).encode())
-    return h.hexdigest()[:16]
 
 
 def reuse_run_dir(run_dir: Path, spec: dict) -> Path:
@@ -134,6 +74,7 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     from flows.evaluate import evaluate_flow
     from flows.train import train_flow
     from dart_core.world.generator import UNSEEN
+    from dart_core.world.localization import top_patch_localization
     from dart_core.world.vlp import MODEL_NAME
 
     run_dir = workdir / "runs" / name
@@ -154,7 +95,8 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
     annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=f"{shards}/test", classes=classes, out=pred,
                                   crg=crg if crg_source == "file" else None, top_m=64, batch_size=128, mode="overwrite"))
     res = evaluate_flow(EvalOptions(pred=pred))
-    res["localization"] = localization(str(pred), str(workdir / "source" / "test" / "boxes.jsonl"), set(UNSEEN))
+    res["localization"] = top_patch_localization(str(pred), str(workdir / "source" / "test" / "boxes.jsonl"),
+                                                 set(UNSEEN))
     return {"pred": str(pred), "checkpoint": str(ckpt), **res}
 
 
@@ -178,7 +120,9 @@ def _zero_shot_run(wd: Path, shards: str, classes: str, vlp: str) -> dict:
     evaluate, and measure its localization on the world's boxes."""
     from flows.annotate import annotate_flow
     from flows.evaluate import evaluate_flow
+    from dart_core.checkpoint import zero_shot_checkpoint
     from dart_core.world.generator import UNSEEN
+    from dart_core.world.localization import top_patch_localization
     from dart_core.world.vlp import MODEL_NAME
 
     zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
@@ -186,7 +130,7 @@ def _zero_shot_run(wd: Path, shards: str, classes: str, vlp: str) -> dict:
     annotate_flow(AnnotateOptions(checkpoint=zs_ckpt, shards=f"{shards}/test", classes=classes, out=zs_pred, top_m=64,
                                   batch_size=128, mode="overwrite", score="zero_shot"))
     res = evaluate_flow(EvalOptions(pred=zs_pred))
-    res["localization"] = localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
+    res["localization"] = top_patch_localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
     return res
 
 

@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dart_core import storage
 from dart_core.options.pipeline import PipelineOptions
-from dart_core.stages import Stages, bytes_sha, digest, shard_set, weights_id
+from dart_core.stages import Stages, bytes_sha, digest, shard_set, training_code_hash, weights_id
 
 # ---- tasks ----------------------------------------------------------------------------------------
 
@@ -177,7 +177,6 @@ def _crg_stage(o: PipelineOptions, stages: Stages, status: dict, sh: dict, logge
 def _train_stage(o: PipelineOptions, status: dict, sh: dict, crg: str, crg_sha: str | None, logger) -> Path:
     """3. train: one run folder per training fingerprint; a stopped run resumes from its last.pt.
     Returns the checkpoint's path."""
-    from flows.demo import training_code_hash
     from dart_core.options.train import TrainOptions
     from flows.train import train_flow
 

@@ -6,21 +6,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from dart_core.options.train import TrainOptions
+from dart_core.data.reader import count_samples
 from dart_core.settings import settings
-
-
-def shard_sample_counts(shards: list[str]) -> list[int]:
-    """Samples per shard, from their stats files (0 where a shard has none): what training and the annotate progress count."""
-    from dart_core.data.shard_format import sample_count
-
-    return [sample_count(url) for url in shards]
-
-
-def count_samples(shards_root: str) -> int:
-    """ok samples over the complete shards, from their stats files (local or s3)."""
-    from dart_core.data.reader import require_shards
-
-    return sum(shard_sample_counts(require_shards(shards_root)))
 
 
 @task(name="train-dart")

@@ -65,7 +65,7 @@ def test_training_code_hash_follows_code_not_prose(tmp_path, monkeypatch):
     import shutil
 
     import dart_core
-    from flows.demo import training_code_hash
+    from dart_core.stages import training_code_hash
 
     pkg = tmp_path / "dart_core"
     shutil.copytree(Path(dart_core.__file__).parent, pkg, ignore=shutil.ignore_patterns("data", "world", "__pycache__"))

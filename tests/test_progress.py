@@ -41,7 +41,7 @@ def test_disabled_bar_says_nothing(capsys):
 
 
 def test_annotate_progress_total_comes_from_the_stats_files(tmp_path):
-    from flows.annotate import shard_sample_counts
+    from dart_core.data.reader import shard_sample_counts
 
     (tmp_path / "000000_stats.json").write_text(json.dumps({"ok": 7, "failed": 2}))
     (tmp_path / "000001_stats.json").write_text(json.dumps({"ok": 3, "failed": 0}))

@@ -49,6 +49,18 @@ def require_shards(root: str, option: str = "--shards") -> list[str]:
     raise ShardsError(f"{option} {root}: no complete shards there (NNNNNN.tar with its NNNNNN_stats.json)")
 
 
+def shard_sample_counts(shards: list[str]) -> list[int]:
+    """Samples per shard, from their stats files (0 where a shard has none): what training and the annotate progress count."""
+    from dart_core.data.shard_format import sample_count
+
+    return [sample_count(url) for url in shards]
+
+
+def count_samples(shards_root: str) -> int:
+    """ok samples over the complete shards, from their stats files (local or s3)."""
+    return sum(shard_sample_counts(require_shards(shards_root)))
+
+
 def is_validation(key: str, share: float) -> bool:
     """A stable hold-out: the sample whose key hashes below `share` belongs to the validation slice,
     in every run, on every rank, whatever the shard layout (sha1 of the key, first 8 hex digits)."""

@@ -63,3 +63,34 @@ def localization_accuracy(patch_scores, grid: tuple[int, int], boxes: list[list[
         hits, pairs = hits[m], pairs[m]
     total = int(pairs.sum())
     return float(hits.sum() / total) if total else float("nan")
+
+
+def top_patch_localization(pred_dir: str, boxes_jsonl: str, unseen: set[str]) -> dict:
+    """Fraction of positive (image, class) pairs whose top patch lies in one of the class's boxes,
+    from the tags table (patches are stored best first), for ZSL (unseen) and GZSL classes."""
+    import json
+    from pathlib import Path
+
+    import duckdb
+
+    import sql as sqlfiles
+    from dart_core.data.sources.folder import key_for
+    from dart_core.world.generator import read_boxes
+
+    run = json.loads(Path(pred_dir, "run.json").read_text())
+    grid = tuple(run["grid"])
+    boxes = {key_for(p): objs for p, objs in read_boxes(boxes_jsonl).items()}
+    con = duckdb.connect()
+    rows = con.execute(sqlfiles.load("world_localization_top_patch"), [pred_dir, pred_dir]).fetchall()
+    centres = patch_centres(grid, (64, 64))
+    hit = {"zsl": [0, 0], "gzsl": [0, 0]}
+    for image_id, cid, patch in rows:
+        bs = [o["box"] for o in boxes.get(image_id, []) if cid in o["classes"]]
+        if not bs:
+            continue  # scene classes have no box
+        x, y = centres[patch]
+        ok = any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in bs)
+        for setting in (("zsl", "gzsl") if cid in unseen else ("gzsl",)):
+            hit[setting][0] += ok
+            hit[setting][1] += 1
+    return {s: (h / n if n else float("nan")) for s, (h, n) in hit.items()}

@@ -49,7 +49,7 @@ def train(options: TrainOptions) -> None:
         # under torchrun every rank trains; Prefect would start one flow run per rank
         from dart_core.train import train_on_shards
         from dart_core.vocab import Vocabulary
-        from flows.train import count_samples
+        from dart_core.data.reader import count_samples
 
         ckpt = train_on_shards(options.shards, Vocabulary.read_csv(options.classes), options.out, options.dart_config(),
                                options.train_config(), count_samples(options.shards), options.crg,
