@@ -60,21 +60,32 @@ class Stages:
         tmp.replace(self.dir / f"{stage}.json")
 
 
-def training_code_hash() -> str:
-    """What a trained variant also depends on: the model and training code — its syntax tree
-    without docstrings (comments are not in the tree), so editing the prose retrains nothing."""
+def code_hash(paths) -> str:
+    """A short hash of what files say as code: a Python file's syntax tree without docstrings
+    (comments are not in the tree), so editing the prose changes nothing; any other file's bytes
+    (a missing one counts as empty). What a cached artefact depends on besides its config."""
     import ast
 
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        data = path.read_bytes() if path.exists() else b""
+        if path.suffix == ".py":
+            tree = ast.parse(data)
+            for node in ast.walk(tree):
+                body = getattr(node, "body", None)
+                if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                        and isinstance(body[0].value.value, str)):
+                    node.body = body[1:] or [ast.Pass()]
+            data = ast.dump(tree).encode()
+        h.update(path.name.encode() + b"\0" + data)
+    return h.hexdigest()[:16]
+
+
+def training_code_hash() -> str:
+    """What a trained variant also depends on: the model and training code (code_hash: editing
+    docstrings or comments retrains nothing)."""
     import dart_core
 
-    h = hashlib.sha256()
-    for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"):
-        tree = ast.parse((Path(dart_core.__file__).parent / name).read_text())
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                    and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]
-        h.update(name.encode() + b"\0" + ast.dump(tree).encode())
-    return h.hexdigest()[:16]
+    root = Path(dart_core.__file__).parent
+    return code_hash(root / name for name in ("arm.py", "atm.py", "backbone.py", "losses.py", "model.py", "train.py"))

@@ -14,25 +14,18 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from dart_core.stages import code_hash
 from dart_core.world.vlp import MODEL_NAME, VLPConfig
 
 _ROOT = Path(__file__).resolve().parents[1] / "dart_core"
 _CODE = [_ROOT / "world" / "generator.py", _ROOT / "world" / "vlp.py"]
 
 
-def files_hash(paths) -> str:
-    """A short hash of files' names and contents (a missing file counts as empty): what a cached
-    artefact depends on besides its config."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0" + (p.read_bytes() if p.exists() else b""))
-    return h.hexdigest()[:16]
-
-
 def world_code_hash(model_name: str = MODEL_NAME) -> str:
-    """What the checkpoint depends on besides the config: the generator, the training loop and the
-    model config JSON (when it is one of ours)."""
-    return files_hash(_CODE + [_ROOT / "model_configs" / f"{model_name}.json"])
+    """What the checkpoint depends on besides the config: the generator, the training loop (as
+    code: dart_core.stages.code_hash, so a comment edit pretrains nothing) and the model config JSON
+    (when it is one of ours)."""
+    return code_hash(_CODE + [_ROOT / "model_configs" / f"{model_name}.json"])
 
 
 def checkpoint_path(out_dir: str, cfg: VLPConfig, code_hash: str) -> Path:

@@ -79,3 +79,22 @@ def test_training_code_hash_follows_code_not_prose(tmp_path, monkeypatch):
     assert training_code_hash() == before  # docstrings and comments retrain nothing
     losses.write_text(src.replace("def ", "def _unused():\n    return 1\n\n\ndef ", 1))
     assert training_code_hash() != before  # code does
+
+
+def test_code_hash_reads_python_as_code_and_other_files_as_bytes(tmp_path):
+    """What keys the cached VLP (flows.vlp.world_code_hash) and the trained variants."""
+    from dart_core.stages import code_hash
+
+    py, cfg = tmp_path / "gen.py", tmp_path / "model.json"
+    py.write_text('"""Module doc."""\n\n\ndef draw(n):\n    """Draw."""\n    return n + 1\n')
+    cfg.write_text('{"width": 64}')
+    before = code_hash([py, cfg])
+    py.write_text('"""Reworded doc."""\n# a comment\n\ndef draw(n):  # why\n    """Other words."""\n    return n + 1\n')
+    assert code_hash([py, cfg]) == before  # prose: the same cached artefact
+    py.write_text('def draw(n):\n    return n + 2\n')
+    assert code_hash([py, cfg]) != before  # code: another one
+    py.write_text('def draw(n):\n    return n + 1\n')
+    assert code_hash([py, cfg]) == before
+    cfg.write_text('{"width": 65}')
+    assert code_hash([py, cfg]) != before  # a config file counts byte for byte
+    assert code_hash([tmp_path / "missing.json"]) == code_hash([tmp_path / "other" / "missing.json"])  # empty
