@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from dart_core.audit import NOISE_SHARES as SHARES, measure_label_noise
     from dart_core.options.annotate import AnnotateOptions
+    from dart_core.options.demo import DEMO_ANNOTATE
     from flows.annotate import annotate_flow
 
     demo = Path(a.demo).resolve()
@@ -153,8 +154,8 @@ def main(argv=None) -> int:
                "negative_rate": a.negative_rate, "seeds": {}}
 
     def annotate(noisy: str, pred: str) -> None:
-        annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=noisy, classes=classes, out=pred, crg=crg, top_m=64,
-                                      batch_size=128, mode="overwrite"))
+        annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=noisy, classes=classes, out=pred, crg=crg,
+                                      **DEMO_ANNOTATE))
 
     for seed in seeds:
         t0 = time.time()

@@ -65,3 +65,10 @@ def unused_gpu_note(device: str) -> str | None:
         return (f"--device {device} on a machine with {torch.cuda.device_count()} CUDA device(s): "
                 "running on the CPU (pass --device cuda to use them)")
     return None
+
+
+def require_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without one (ValueError naming --device): what a command
+    checks before its flow starts. A deployment's flow run skips this: its worker is elsewhere."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no CUDA device is available")

@@ -63,7 +63,7 @@ def mirror(pred_url: str) -> Path:
     from concurrent.futures import ThreadPoolExecutor
 
     from dart_core import storage
-    from dart_core.infer import TABLES
+    from dart_core.predictions import TABLES
 
     root = cache_dir(pred_url)
     root.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ def doubts(pred_dir: str | Path, legacy: bool = False, corrections=None) -> list
     import json
 
     from dart_core.data.shard_format import shard_id
-    from dart_core.infer import done_shards
+    from dart_core.predictions import done_shards
 
     from dart_core import storage
 

@@ -31,13 +31,7 @@ import torch
 from dart_core.data.shard_format import SampleDecoder, shard_id
 from dart_core.interrupt import check as check_interrupt
 from dart_core.options.annotate import AnnotateOptions
-from dart_core.predictions import TABLES, WRITTEN_SCHEMAS, done_marker, part_url
-# re-exported: the prediction folder and the thresholds were split out of this module, and callers
-# (flows/, tests/, benchmarks/, dart_core.evaluate) import these names from here
-from dart_core.predictions import IDENTITY, SCHEMAS, SOURCE_FIELDS, AnnotateError  # noqa: F401
-from dart_core.predictions import done_shards, file_hash, identity_differences, lock_ttl  # noqa: F401
-from dart_core.predictions import output_lock, prepare_output, read_shard_image, vocab_table  # noqa: F401
-from dart_core.thresholds import calibrate_thresholds, read_thresholds  # noqa: F401
+from dart_core.predictions import TABLES, WRITTEN_SCHEMAS, AnnotateError, done_marker, file_hash, part_url
 from dart_core.vocab import Vocabulary
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dart_core.data.shard_format import member_names
 from dart_core.settings import settings
 from dart_core.vocab import Vocabulary
 
@@ -323,28 +321,7 @@ def prepare_output(pred_dir: str | Path, run_meta: dict, vocab: Vocabulary, thre
 
 
 def file_hash(path: str | Path | None) -> str | None:
-    import hashlib
-
-    if path is None:
-        return None
+    """The short content hash run.json records for an input (None: no such input)."""
     from dart_core import storage
 
-    h = hashlib.sha256()
-    with storage.open_read(path) as f:  # local or s3://
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-# ---- reading back -------------------------------------------------------------------------------
-
-def read_shard_image(url: str, key: str) -> bytes:
-    """The jpg bytes of one sample of a shard, local or s3:// (for the audit report's thumbnails)."""
-    from dart_core import storage
-
-    jpg = member_names(key)[0]
-    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if m.name == jpg:
-                return tar.extractfile(m).read()
-    raise KeyError(f"{key} not in {url}")
+    return None if path is None else storage.sha256(path)[:16]  # local or s3://

@@ -16,7 +16,7 @@ def digest(obj) -> str:
 
 
 def bytes_sha(url: str | None) -> str | None:
-    return hashlib.sha256(storage.read_bytes(url)).hexdigest() if url else None
+    return storage.sha256(url) if url else None
 
 
 def shard_set(split_dir: str) -> dict:

@@ -286,6 +286,17 @@ def open_read(url: str | os.PathLike, bufsize: int = 1 << 20):
     return open(url, "rb")
 
 
+def sha256(url: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's or object's bytes, streamed (FileNotFoundError when absent)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open_read(url) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_parquet_bytes(data: bytes, columns: list[str] | None = None):
     """A parquet file held in memory, as a pyarrow Table, read synchronously.
 

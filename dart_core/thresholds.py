@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-import sql as sqlfiles
 from dart_core.metrics import ranked_known
 from dart_core.predictions import AnnotateError
 from dart_core.vocab import Vocabulary
@@ -59,16 +58,12 @@ def read_thresholds(path: str | Path, vocab: Vocabulary) -> np.ndarray:
 def calibrate_predictions(pred: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """`dart calibrate`: per-class thresholds (max F1) from a prediction folder of a labelled split,
     local or s3://. Returns (class ids in vocabulary order, thresholds, best F1)."""
+    from dart_core.audit import dense
     from dart_core.evaluate import connect
 
     con = connect(pred)
     ids = [r[0] for r in con.execute("SELECT class_id FROM vocab ORDER BY class_index").fetchall()]
-    rows = con.execute(sqlfiles.load("calibration_scores")).fetchall()
-    scores = np.array([r[2] for r in rows], dtype=np.float64).reshape(len(rows), len(ids))
-    index = {(r[0], r[1]): i for i, r in enumerate(rows)}
-    labels = np.zeros_like(scores, dtype=np.int8)
-    for shard, image_id, col, label in con.execute(sqlfiles.load("calibration_labels")).fetchall():
-        labels[index[(shard, image_id)], col] = label
+    _, scores, labels = dense(con)  # the (images x classes) scores and known labels the audit ranks too
     th, f1 = calibrate_thresholds(scores, labels)
     return ids, th, f1
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from dart_core.checkpoint import backbone_change, check_vocabulary, read_checkpoint, save_checkpoint
 from dart_core.losses import loss_terms, weighted_total
 from dart_core.model import DART
+from dart_core.options.train import TrainOptions
 from dart_core.settings import settings
 from dart_core.vocab import Vocabulary
 
@@ -208,17 +209,9 @@ def resume(model: DART, opt: torch.optim.Optimizer, vocab: Vocabulary, last: Pat
 
 def epoch_batches(data: Iterable, skip: int = 0) -> Iterator:
     """One pass over `data` (one epoch) from its `skip`-th batch on: a resumed run goes on with the
-    epoch it was stopped in. Positioned without reading the batches before where the data allows it:
-    data with a `batches_from(skip)` method is asked, a sequence (a list of batches) is indexed.
-    Any other iterable (a streaming reader, RepeatingBatches) has no position to seek to, so its
-    first `skip` batches are read and dropped: the resumed run then takes the batches the
+    epoch it was stopped in. The streaming reader (RepeatingBatches) has no position to seek to, so
+    the first `skip` batches are read and dropped: the resumed run then takes the batches the
     uninterrupted run would have taken (tests/test_train.py compares the two runs' losses)."""
-    if skip == 0:
-        return iter(data)
-    if callable(getattr(data, "batches_from", None)):
-        return iter(data.batches_from(skip))  # type: ignore[attr-defined]
-    if isinstance(data, Sequence):
-        return (data[i] for i in range(skip, len(data)))
     return itertools.islice(iter(data), skip, None)
 
 
@@ -444,8 +437,8 @@ class RepeatingBatches:
     A streaming reader splits shards across ranks and workers, so one pass can hold a different
     number of batches on each rank; DDP needs every rank to take the same number of steps.
 
-    It has no `batches_from(skip)` (`epoch_batches`): a run resumed mid-epoch reads and drops the
-    first `skip` batches of a fresh stream, as before. The webdataset reader cannot seek: shards are
+    A run resumed mid-epoch reads and drops the first `skip` batches of a fresh stream
+    (`epoch_batches`). The webdataset reader cannot seek: shards are
     tar streams read front to back, and the seeded shuffle buffer spans shard boundaries and is split
     by rank and worker, so the k-th batch depends on every sample read before it — skipping whole
     shards would change the batches, not just start later. Positioning cheaply would need the reader
@@ -506,6 +499,14 @@ def train_on_shards(shards, vocab: Vocabulary, out_dir: str | Path, model_cfg, t
                                 device, num_workers, log, val_shards, rank, world)
     finally:
         shutdown_distributed()
+
+
+def train_from_options(options: TrainOptions, n_samples: int, log=print) -> Path:
+    """train_on_shards for one run's options: what the `train` flow's task, each torchrun rank and a
+    `dart train` started by torchrun call. `n_samples`: the training samples, counted once."""
+    return train_on_shards(options.shards, Vocabulary.read_csv(options.classes), options.out, options.dart_config(),
+                           options.train_config(), n_samples, crg_path=options.crg, crg_source=options.graph_source(),
+                           device=options.device, num_workers=options.workers, log=log, val_shards=options.val_shards)
 
 
 def _train_on_shards(shards, vocab, out_dir, model_cfg, train_cfg, n_samples, crg_path, crg_source, device,

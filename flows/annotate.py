@@ -26,7 +26,8 @@ from flows.retry import retry_if_transient
 def annotate_shard_task(options: AnnotateOptions, crg: str | None, thresholds: str | None, shard_url: str) -> dict:
     """`crg` and `thresholds`: the run's resolved files (the extended CRG copy, the default thresholds)."""
     from dart_core.devices import worker_device
-    from dart_core.infer import annotate_shard, load_annotator, read_thresholds
+    from dart_core.infer import annotate_shard, load_annotator
+    from dart_core.thresholds import read_thresholds
 
     # plain "cuda": this worker's own GPU (its Dask worker number, or round-robin over threads)
     options = options.model_copy(update={"device": worker_device(options.device)})
@@ -143,7 +144,9 @@ def annotate_flow(options: AnnotateOptions) -> dict:
     from dart_core.backbone import patch_grid
     from dart_core.checkpoint import check_vocabulary, read_checkpoint
     from dart_core.devices import unused_gpu_note
-    from dart_core.infer import file_hash, output_lock, prepare_output, read_thresholds, resolve_shards
+    from dart_core.infer import resolve_shards
+    from dart_core.predictions import file_hash, output_lock, prepare_output
+    from dart_core.thresholds import read_thresholds
     from dart_core.thresholds import default_thresholds
     from dart_core.vocab import Vocabulary
 

@@ -189,10 +189,9 @@ def summary_lines(res: MineResult, crg) -> list[str]:
 # ---- Prefect -------------------------------------------------------------------------------------
 def _file_sha(url: str) -> str:
     try:
-        data = storage.read_bytes(url)
+        return storage.sha256(url)
     except FileNotFoundError:
-        data = b""
-    return hashlib.sha256(data).hexdigest()
+        return hashlib.sha256(b"").hexdigest()
 
 
 @task(name="mine-crg", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 
 from dart_core.options.annotate import AnnotateOptions, AuditOptions, EvalOptions
 from dart_core.options.data import ShardOptions
-from dart_core.options.demo import DEMO_TRAIN, DemoOptions
+from dart_core.options.demo import DEMO_ANNOTATE, DEMO_TRAIN, DemoOptions
 from dart_core.options.train import TrainOptions
 from dart_core.stages import training_code_hash
 
@@ -93,7 +93,7 @@ def run_variant(name: str, workdir: Path, shards: str, classes: str, crg: str | 
                                 train_overrides=train_cfg))
     pred = workdir / "predictions" / name
     annotate_flow(AnnotateOptions(checkpoint=ckpt, shards=f"{shards}/test", classes=classes, out=pred,
-                                  crg=crg if crg_source == "file" else None, top_m=64, batch_size=128, mode="overwrite"))
+                                  crg=crg if crg_source == "file" else None, **DEMO_ANNOTATE))
     res = evaluate_flow(EvalOptions(pred=pred))
     res["localization"] = top_patch_localization(str(pred), str(workdir / "source" / "test" / "boxes.jsonl"),
                                                  set(UNSEEN))
@@ -127,8 +127,8 @@ def _zero_shot_run(wd: Path, shards: str, classes: str, vlp: str) -> dict:
 
     zs_ckpt = zero_shot_checkpoint(wd / "zero_shot.pt", MODEL_NAME, vlp, classes)
     zs_pred = wd / "predictions" / "zero_shot"
-    annotate_flow(AnnotateOptions(checkpoint=zs_ckpt, shards=f"{shards}/test", classes=classes, out=zs_pred, top_m=64,
-                                  batch_size=128, mode="overwrite", score="zero_shot"))
+    annotate_flow(AnnotateOptions(checkpoint=zs_ckpt, shards=f"{shards}/test", classes=classes, out=zs_pred,
+                                  score="zero_shot", **DEMO_ANNOTATE))
     res = evaluate_flow(EvalOptions(pred=zs_pred))
     res["localization"] = top_patch_localization(str(zs_pred), str(wd / "source/test/boxes.jsonl"), set(UNSEEN))
     return res
@@ -219,8 +219,8 @@ def label_noise_audit(workdir: Path, shards: str, classes: str, checkpoint: str,
     from flows.annotate import annotate_flow
 
     def annotate(noisy: str, pred: str) -> None:
-        annotate_flow(AnnotateOptions(checkpoint=checkpoint, shards=noisy, classes=classes, out=pred, crg=crg, top_m=64,
-                                      batch_size=128, mode="overwrite"))
+        annotate_flow(AnnotateOptions(checkpoint=checkpoint, shards=noisy, classes=classes, out=pred, crg=crg,
+                                      **DEMO_ANNOTATE))
 
     res = measure_label_noise(f"{shards}/test", Path(workdir) / "label_noise", annotate, seed=seed, pos_rate=share,
                               neg_rate=share)

@@ -65,7 +65,7 @@ def fingerprint_files(urls: dict) -> dict:
 def annotate_mode(pred: str, checkpoint: str, crg: str, classes_csv: str) -> str:
     """append while PRED holds predictions of this checkpoint, CRG and vocabulary (finished shards
     are skipped, new ones added); overwrite when one of them changed (the old tables are stale)."""
-    from dart_core.infer import file_hash
+    from dart_core.predictions import file_hash
     from dart_core.vocab import Vocabulary
 
     try:

@@ -266,25 +266,16 @@ def run_rank(spec_file: str) -> int:
     try:
         spec = json.loads(Path(spec_file).read_text())
         options = TrainOptions.model_validate(spec["options"])
-        device = options.device
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
+        # the device dart_core.train.rank_device will pick; said before the seconds of torch imports
+        device = f"cuda:{local_rank}" if options.device == "cuda" else options.device
         print(f"rank {rank}/{world}: pid {os.getpid()}, device {device}", flush=True)
         if rank:  # the same warnings as rank 0's, once per rank: rank 0's are enough
             import warnings
 
             warnings.simplefilter("ignore")
-        import torch
+        from dart_core.train import train_from_options
 
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        from dart_core.train import train_on_shards
-        from dart_core.vocab import Vocabulary
-
-        train_on_shards(options.shards, Vocabulary.read_csv(options.classes), options.out, options.dart_config(),
-                        options.train_config(), spec["n_samples"], crg_path=options.crg,
-                        crg_source=options.graph_source(), device=device, num_workers=options.workers,
-                        log=lambda m: print(m, flush=True), val_shards=options.val_shards)
+        train_from_options(options, spec["n_samples"], log=lambda m: print(m, flush=True))
         return 0
     except BaseException as e:  # noqa: BLE001 — reported to the launcher, then this rank exits 1
         from flows.cli._guard import describe

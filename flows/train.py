@@ -10,31 +10,29 @@ from dart_core.data.reader import count_samples
 from dart_core.settings import settings
 
 
-@task(name="train-dart")
-def train_task(options: TrainOptions) -> str:
+def checked_inputs(options: TrainOptions) -> int:
+    """The vocabulary reads and the validation shards exist (a mistake shows before torch is even
+    imported); returns the training samples, counted once from the shards' stats files."""
     from dart_core.data.reader import require_shards
     from dart_core.vocab import Vocabulary
 
-    logger = get_run_logger()
-    vocab = Vocabulary.read_csv(options.classes)
+    Vocabulary.read_csv(options.classes)
     n = count_samples(options.shards)
     if options.val_shards:
         require_shards(options.val_shards, "--val-shards")
-    # seconds of torch / torch_geometric imports: after the input checks, so a mistake shows at once
-    from dart_core.train import train_on_shards
+    return n
 
-    ckpt = train_on_shards(options.shards, vocab, options.out, options.dart_config(), options.train_config(), n,
-                           crg_path=options.crg, crg_source=options.graph_source(), device=options.device,
-                           num_workers=options.workers, log=logger.info, val_shards=options.val_shards)
-    return str(ckpt)
+
+@task(name="train-dart")
+def train_task(options: TrainOptions) -> str:
+    n = checked_inputs(options)
+    from dart_core.train import train_from_options  # seconds of torch imports: after the checks
+
+    return str(train_from_options(options, n, log=get_run_logger().info))
 
 
 def check_ranks(nproc: int, device: str) -> None:
-    """Where N ranks can run: CPU (gloo) or one GPU each (NCCL); bad settings name the option."""
-    if nproc < 1:
-        raise ValueError(f"--nproc {nproc}: must be at least 1")
-    if nproc == 1:
-        return
+    """Where N > 1 ranks can run: CPU (gloo) or one GPU each (NCCL); bad settings name the option."""
     if settings().world_size > 1:
         raise ValueError(f"--nproc {nproc} inside a torchrun rank: launch either with torchrun or with --nproc, not both")
     if device.startswith("cuda:"):
@@ -52,17 +50,12 @@ def check_ranks(nproc: int, device: str) -> None:
 def train_ranks_task(options: TrainOptions) -> str:
     """`options.nproc` ranks under torchrun (flows.ranks): their lines stream into this task's log, a
     rank's failure fails the task with that rank's error, a stop (Ctrl-C, cancel) stops every rank."""
-    from dart_core.data.reader import require_shards
-    from dart_core.vocab import Vocabulary
     from flows.ranks import RanksFailedError, launch
 
     logger = get_run_logger()
     nproc, device = options.nproc, options.device
     check_ranks(nproc, device)
-    Vocabulary.read_csv(options.classes)
-    n = count_samples(options.shards)
-    if options.val_shards:
-        require_shards(options.val_shards, "--val-shards")
+    n = checked_inputs(options)
     train_settings = options.train_settings()
     batch = train_settings["batch_size"]
     if n < batch * nproc:

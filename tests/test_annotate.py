@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dart_core.infer import AnnotateError
+from dart_core.predictions import AnnotateError
 from tests.annotate_fixtures import COLOURS, make_shards, world  # noqa: F401
 from tests.conftest import REPO
 from tests.model_fixtures import tiny_clip_ckpt  # noqa: F401
@@ -145,7 +145,7 @@ def test_new_classes_join_the_graph_without_retraining(world, tmp_path, prefect_
 def test_calibrated_thresholds_mark_tags(world, tmp_path, prefect_harness):
     from typer.testing import CliRunner
 
-    from dart_core.infer import calibrate_thresholds
+    from dart_core.thresholds import calibrate_thresholds
     from flows.cli import app
 
     # hand-computed: scores 3,2,1,0 with labels + - + -: cut after 1 -> F1 2/3, after 3 -> 2*2/(3+2)=0.8

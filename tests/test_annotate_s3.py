@@ -15,7 +15,7 @@ import duckdb
 import pytest
 
 from dart_core import storage
-from dart_core.infer import AnnotateError, TABLES
+from dart_core.predictions import TABLES, AnnotateError
 from tests.annotate_fixtures import world  # noqa: F401
 from tests.conftest import REPO
 from tests.model_fixtures import tiny_clip_ckpt  # noqa: F401
@@ -181,7 +181,7 @@ def test_calibrate_and_audit_on_s3(world, runs, prefect_harness, tmp_path, monke
 
 
 def test_s3_lease_lock(bucket, monkeypatch):
-    from dart_core.infer import output_lock
+    from dart_core.predictions import output_lock
 
     pred = f"s3://{bucket}/locked/pred"
     lock = f"{pred}/.lock"
@@ -214,7 +214,7 @@ def test_s3_lease_lock(bucket, monkeypatch):
 
 
 def test_prepare_output_on_s3_refuses_another_run_and_overwrite_clears(bucket):
-    from dart_core.infer import prepare_output
+    from dart_core.predictions import prepare_output
     from dart_core.vocab import Vocabulary
 
     vocab = Vocabulary.from_names(["a", "b"])

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dart_core.evaluate import audit
-from dart_core.infer import SCHEMAS, vocab_table
+from dart_core.predictions import SCHEMAS, vocab_table
 from dart_core.vocab import Vocabulary
 from tests.annotate_fixtures import world  # noqa: F401
 from tests.model_fixtures import tiny_clip_ckpt  # noqa: F401

@@ -132,7 +132,7 @@ def test_cli_choices_are_the_library_s():
 # ---- annotate output: identity, takeover of a dead run, the lock ----------------------------------
 
 def test_append_names_the_input_that_differs():
-    from dart_core.infer import identity_differences
+    from dart_core.predictions import identity_differences
 
     run = {"checkpoint_hash": "0123456789abcdef", "vocab_hash": "v1", "crg_hash": "9b0d4e77aaaa0000"}
     assert identity_differences(run, dict(run)) == ""
@@ -146,7 +146,7 @@ def test_append_names_the_input_that_differs():
 def test_a_run_that_finished_no_shard_never_blocks_the_next(tmp_path):
     import json
 
-    from dart_core.infer import AnnotateError, output_lock, prepare_output
+    from dart_core.predictions import AnnotateError, output_lock, prepare_output
     from dart_core.vocab import Vocabulary
 
     vocab = Vocabulary.from_names(list(COLOURS), unseen={"yellow"})

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from dart_core.data.shard_format import shard_id
-from dart_core.infer import SCHEMAS, vocab_table
+from dart_core.predictions import SCHEMAS, vocab_table
 from dart_core.vocab import Vocabulary
 from flows.cli import app
 

@@ -10,6 +10,9 @@ from dart_core.options._fields import Cli, Options
 # The paper's schedule for NUS-WIDE and COCO (App. A): 20 epochs of batch 256, lr 1e-4 with 2
 # linear warm-up epochs, cosine to 1e-5, λ 1 -> 0. Everything else is the library's default.
 DEMO_TRAIN = dict(epochs=20, batch_size=256, lr=1e-4, min_lr=1e-5, warmup_epochs=2.0)
+# How the demo (and benchmarks/label_audit.py) annotates its test split: top_m 64 keeps a tag row for
+# each of the world's 30 classes; each rerun replaces the last run's tables.
+DEMO_ANNOTATE = dict(top_m=64, batch_size=128, mode="overwrite")
 
 
 class DemoOptions(Options):

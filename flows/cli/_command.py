@@ -33,7 +33,7 @@ def _cli(field) -> Cli:
 def _typer_type(tp: Any) -> Any:
     """`int | None` and `list[int]` spelled the way typer reads them."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:  # a list item's own bounds: read by _bounds
+    if origin is typing.Annotated:  # a list item's own bounds: read by _constraints
         return _typer_type(args[0])
     if origin is types.UnionType:
         return typing.Union[tuple(_typer_type(a) for a in args)]

@@ -1,6 +1,6 @@
 """How a `dart` command runs its flow when the command's own output is the report.
 
-`dart shard`, `dart refresh` and `dart eval` run their Prefect flows (a run per command, in the
+`dart shard`, `dart refresh`, `dart eval` and `dart crg mine` run their Prefect flows (a run per command, in the
 Prefect UI like any other), but print exactly what they printed as plain functions: their report
 on stdout, their progress and split lines on stderr, one `error:` line for a mistake. So, while
 the flow runs, Prefect's own console lines (the temporary server, "Beginning flow run", "Finished

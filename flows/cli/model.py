@@ -9,11 +9,6 @@ from flows.cli._app import app
 from flows.cli._command import options_command
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
-
-
 @options_command(app, TrainOptions)
 def train(options: TrainOptions) -> None:
     """Train DART on webdataset shards (resumes from OUT/last.pt after a crash or Ctrl-C)."""
@@ -33,27 +28,21 @@ def train(options: TrainOptions) -> None:
         check_downloadable(options.backbone, options.pretrained)
     if not options.crg and not options.crg_source:
         typer.echo("no --crg given: using the text-similarity CRG (the paper's 'Sim.' variant)")
-    if options.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            _fail(f"--device {options.device} but no CUDA device is available")
-        if (local_rank := settings().local_rank) is not None and options.device == "cuda":
-            options = options.model_copy(update={"device": f"cuda:{local_rank}"})
-            torch.cuda.set_device(options.device)
+    from dart_core.devices import require_device
+
+    require_device(options.device)
     if options.nproc > 1:
         from flows.train import check_ranks
 
         # before the flow starts: --device cuda:N, too few GPUs, inside torchrun
         check_ranks(options.nproc, options.device)
     if settings().world_size > 1:
-        # under torchrun every rank trains; Prefect would start one flow run per rank
-        from dart_core.train import train_on_shards
-        from dart_core.vocab import Vocabulary
+        # under torchrun every rank trains (on cuda:LOCAL_RANK: dart_core.train.rank_device); Prefect
+        # would start one flow run per rank
         from dart_core.data.reader import count_samples
+        from dart_core.train import train_from_options
 
-        ckpt = train_on_shards(options.shards, Vocabulary.read_csv(options.classes), options.out, options.dart_config(),
-                               options.train_config(), count_samples(options.shards), options.crg,
-                               options.graph_source(), options.device, options.workers, val_shards=options.val_shards)
+        ckpt = train_from_options(options, count_samples(options.shards))
     else:
         from flows.train import train_flow
 

@@ -15,12 +15,9 @@ def pipeline(options: PipelineOptions) -> None:
     from flows.pipeline import pipeline_flow, summary_markdown
 
     options.resolved()  # a bad option: one error line now, before Prefect starts
-    if options.device.startswith("cuda"):
-        import torch
+    from dart_core.devices import require_device
 
-        if not torch.cuda.is_available():
-            typer.echo(f"error: --device {options.device} but no CUDA device is available", err=True)
-            raise typer.Exit(2)
+    require_device(options.device)
     s = pipeline_flow(options)
     typer.echo(summary_markdown(s), nl=False)
     typer.echo(f"summary: {s['summary_md']}")
